@@ -1,0 +1,29 @@
+"""The ``nbs`` command: subcommands mapped to plain typed functions.
+
+Each subcommand group lives in its own module of this package and exposes ``register(subparsers)``;
+nothing outside ``cli`` imports from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from noblankslate.cli import data as data_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nbs", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    data_commands.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Typed, validated run configuration loaded from YAML.
+
+Every key of the original Coconut YAML files is accepted with its meaning unchanged, so files written
+for the original code load as they are (``load_model_path: None`` as a string means "no path";
+``lr: !!float "1e-4"`` and a bare ``1e-4``, which YAML 1.1 reads as a string, are both floats).
+
+Validation happens here, before any model or data is touched: an unknown key names the closest valid
+one, a wrong type or value names the key and what is allowed, and contradictory method flags are
+refused. This module imports nothing heavy so tools and tests can load configs cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what is allowed."""
+
+
+METHOD_FLAGS = ("coconut", "cot", "no_thoughts", "no_cot")
+
+# Keys that forks of the original code wrote into their YAML files. They are accepted so those files
+# load, but only with values that do not change behaviour (a value that would is an error).
+_INERT_LEGACY_KEYS: dict[str, Any] = {"special_token": False, "grpo": False}
+
+
+@dataclass
+class Config:
+    """One Coconut run. Field names and meanings follow the original ``args/*.yaml`` files."""
+
+    # General
+    project: str = "coconut"
+    """wandb project name (tracking is offline by default and never required)."""
+    save_path: str = "checkpoints"
+    """Folder under which the run folder ``save_path/name`` is created."""
+    name: str = "run"
+    """Run name: the run folder and the wandb run name."""
+    only_eval: bool = False
+    """Only evaluate ``load_model_path`` on ``val_path``; no training."""
+
+    # Method: exactly one of these is true.
+    coconut: bool = False
+    """Train Coconut: reasoning steps are replaced stage by stage with continuous thoughts."""
+    cot: bool = False
+    """Train on the full chain of thought (language reasoning), stage 0 throughout."""
+    no_thoughts: bool = False
+    """Coconut's curriculum without thoughts: steps are removed but no latent tokens are added."""
+    no_cot: bool = False
+    """Train to answer directly: no steps and no latent tokens."""
+
+    # Curriculum
+    c_thought: int = 1
+    """Continuous thoughts per removed reasoning step."""
+    epochs_per_stage: int = 1
+    """Epochs spent at each curriculum stage."""
+    max_latent_stage: int = 0
+    """Last stage that still adds thoughts; later stages remove every step."""
+    pad_latent_to_max: bool = False
+    """Past ``max_latent_stage``, use ``max_latent_stage * c_thought`` thoughts even for short chains."""
+    uniform_prob: float = 0.0
+    """Probability of training an example at a uniformly random stage instead of the scheduled one."""
+
+    # Model and checkpoints
+    model_id: str = "openai-community/gpt2"
+    """Hugging Face hub id or local folder of the base causal LM and its tokenizer."""
+    load_model_path: str | None = None
+    """Checkpoint to load: for evaluation, or to start Coconut from a CoT model."""
+    save_only_improve: bool = False
+    """Save a checkpoint only when validation accuracy improves."""
+    resume: int = 0
+    """Epoch to start from (skips the first ``resume`` epochs)."""
+    seed: int = 0
+    bf16: bool = False
+    """bf16 mixed precision (GPU)."""
+
+    # Data
+    train_path: str | None = None
+    val_path: str | None = None
+    max_new_tokens: int | None = None
+    """Generation budget at evaluation; None = the original's rule (64 if 'gsm' in val_path, else 128)."""
+
+    # Optimisation
+    reset_optimizer: bool = False
+    """Start a fresh optimizer at each curriculum stage switch."""
+    batch_size_training: int = 32
+    """Batch size per process."""
+    gradient_accumulation_steps: int = 1
+    num_epochs: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    debug: bool = False
+    """Use a small subset of the data, save nothing and track nothing."""
+
+    def __post_init__(self) -> None:
+        _check_range(self)
+        chosen = [flag for flag in METHOD_FLAGS if getattr(self, flag)]
+        if len(chosen) > 1:
+            raise ConfigError(
+                f"method flags {', '.join(chosen)} are all true; set exactly one of {', '.join(METHOD_FLAGS)}"
+            )
+        if not chosen:
+            raise ConfigError(f"no method chosen: set exactly one of {', '.join(METHOD_FLAGS)} to true")
+        if self.only_eval and self.load_model_path is None:
+            raise ConfigError("only_eval: true needs load_model_path (the checkpoint to evaluate)")
+
+    @property
+    def method(self) -> str:
+        """The chosen method flag's name."""
+        return next(flag for flag in METHOD_FLAGS if getattr(self, flag))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.save_path) / self.name
+
+    @property
+    def resolved_max_new_tokens(self) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return 64 if self.val_path is not None and "gsm" in self.val_path else 128
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+_NON_NEGATIVE = ("c_thought", "max_latent_stage", "resume", "seed", "weight_decay")
+_POSITIVE = ("epochs_per_stage", "batch_size_training", "gradient_accumulation_steps", "num_epochs", "lr")
+
+
+def _check_range(config: Config) -> None:
+    for key in _NON_NEGATIVE:
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(config, key)!r}")
+    for key in _POSITIVE:
+        if not getattr(config, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(config, key)!r}")
+    if not 0.0 <= config.uniform_prob <= 1.0:
+        raise ConfigError(f"uniform_prob must be in [0, 1], got {config.uniform_prob!r}")
+    if config.max_new_tokens is not None and config.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1 or null, got {config.max_new_tokens!r}")
+    if config.resume > config.num_epochs:
+        raise ConfigError(f"resume ({config.resume}) is past num_epochs ({config.num_epochs})")
+
+
+def _describe(tp: Any) -> str:
+    if isinstance(tp, type):
+        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(
+            tp.__name__, tp.__name__
+        )
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    text = " or ".join(_describe(a) for a in args)
+    return text + " or null" if type(None) in typing.get_args(tp) else text
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML value to the declared type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if type(None) in options and (value is None or (isinstance(value, str) and value in ("None", "none", "null"))):
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads a bare 1e-4 as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise TypeError(f"unsupported config type {tp!r} for {key}")
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{prefix}{key!r}: keys must be strings")
+        if key not in valid:
+            if not prefix and key in _INERT_LEGACY_KEYS:
+                if value not in (_INERT_LEGACY_KEYS[key], None):
+                    raise ConfigError(f"{key}: {value!r} is not supported (only {_INERT_LEGACY_KEYS[key]!r})")
+                continue
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a required field without default
+        raise ConfigError(f"{cls.__name__}: {error}") from None
+
+
+def _apply_legacy_local(raw: dict[str, Any]) -> None:
+    """Forks of the original code wrote ``local: True`` + ``local_path: DIR`` instead of a local model_id."""
+    local = raw.pop("local", None)
+    local_path = raw.pop("local_path", None)
+    if local is True:
+        if not isinstance(local_path, str):
+            raise ConfigError("local: true needs local_path (a folder with the model)")
+        raw["model_id"] = local_path
+    elif local not in (None, False):
+        raise ConfigError(f"local: expected true or false, got {local!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value`` into (["a", "b"], value); the value is read as YAML (``3e-4``, ``true``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (for example lr=3e-4)")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key")
+    return parts, yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a raw config mapping; unknown keys are caught later by validation."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    _apply_legacy_local(raw)
+    return _build(Config, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load, override and validate a run config.
+
+    Args:
+        path: YAML file.
+        overrides: dotted ``key=value`` strings applied on top (``lr=3e-4``, ``retrieval.k=8``).
+
+    Raises:
+        ConfigError: with the file name and the offending key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    try:
+        return config_from_dict(apply_overrides(raw, overrides or []))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

@@ -1,0 +1,1 @@
+"""Data: the Coconut JSON format, converters and generators, curriculum and collation."""

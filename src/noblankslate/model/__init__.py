@@ -1,0 +1,1 @@
+"""The Coconut model: multi-pass latent forward and batched KV-cached generation."""
