@@ -1,0 +1,306 @@
+"""Coconut: a causal LM whose latent positions receive the last hidden state of the position before them.
+
+Same computation as the original ``coconut.py`` (Hao et al., 2024): the ``<|latent|>`` positions of a
+batch are filled one pass at a time, pass ``i`` feeding thought ``i`` of every row that has one, with the
+KV cache of earlier positions reused. What changes is how it is computed:
+
+* latent embeddings are written with tensor ops (``torch.where`` on one column per pass), not by
+  rebuilding ``inputs_embeds`` as a batch x length Python list, and with no ``.item()`` per latent;
+* the KV cache is one :class:`~transformers.DynamicCache` extended pass by pass, never rebuilt;
+* when only the loss is needed, the LM head runs only at labelled positions;
+* generation is batched (rows of any length and latent count) with the KV cache through the latent
+  passes and the decoding, instead of batch size 1 recomputing the whole prefix for every token.
+
+The wrapper owns no parameters of its own: its state_dict keys are ``base_causallm.*`` as in the
+original, so checkpoints move between the two (the original additionally stored a duplicate
+``embedding.weight``; the checkpoint loader drops it).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel
+
+from noblankslate.model.latent import LatentLayout, align_prompts, latent_layout
+
+IGNORE_INDEX = -100
+
+
+class Outputs(NamedTuple):
+    """Same fields, in the same order, as the original's ``Outputs`` namedtuple."""
+
+    loss: Tensor | None
+    inputs_embeds: Tensor
+    logits: Tensor | None
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :meth:`Coconut.generate`.
+
+    Attributes:
+        tokens: (B, T) generated token ids after the prompt, eos excluded, right-padded with eos.
+        lengths: (B,) number of generated tokens per row.
+        forward_passes: (B,) forward passes each row needed, as if run alone: its latent passes plus
+            the prompt pass plus one pass per further generated token (eos included).
+        latent_counts: (B,) continuous thoughts per row.
+        thoughts: (B, max_count, D) the continuous thoughts fed to each row (rows with fewer thoughts
+            hold token embeddings past their count), when requested.
+    """
+
+    tokens: Tensor
+    lengths: Tensor
+    forward_passes: Tensor
+    latent_counts: Tensor
+    thoughts: Tensor | None = None
+
+    def sequences(self) -> list[list[int]]:
+        """The generated tokens of each row as Python lists (eos excluded)."""
+        return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
+
+
+def _cache_keyword(backbone: nn.Module) -> str:
+    # transformers 5.24 renamed the cache argument of the base models from past_key_values to cache.
+    parameters = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class Coconut(nn.Module):
+    """A Hugging Face causal LM that reasons with continuous thoughts at ``<|latent|>`` positions.
+
+    Args:
+        base_causallm: any ``*ForCausalLM`` model (tested with GPT-2 and Llama).
+        latent_token_id, start_latent_id, end_latent_id: ids of the three Coconut tokens.
+        eos_token_id: ends generation; also used as padding, as the original sets pad = eos.
+    """
+
+    def __init__(
+        self,
+        base_causallm: PreTrainedModel,
+        latent_token_id: int,
+        start_latent_id: int,
+        end_latent_id: int,
+        eos_token_id: int,
+    ):
+        super().__init__()
+        self.base_causallm = base_causallm
+        self.latent_token_id = latent_token_id
+        self.start_latent_id = start_latent_id
+        self.end_latent_id = end_latent_id
+        self.eos_token_id = eos_token_id
+        config = base_causallm.config
+        for attribute in ("final_logit_softcapping", "logit_scale"):
+            if getattr(config, attribute, None) not in (None, 1.0):
+                raise NotImplementedError(
+                    f"{type(base_causallm).__name__} transforms its logits ({attribute}); Coconut applies the "
+                    "output embeddings directly to the last hidden state"
+                )
+        self._cache_keyword = _cache_keyword(base_causallm.base_model)
+
+    @property
+    def embedding(self) -> nn.Module:
+        """The input embeddings (a property, so it adds no duplicate state_dict entry)."""
+        return self.base_causallm.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base_causallm.get_output_embeddings()
+
+    def _backbone(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache | None) -> Tensor:
+        """One forward of the transformer body; returns the last (final-norm) hidden states (B, T, D)."""
+        kwargs = {self._cache_keyword: cache} if cache is not None else {}
+        out = self.base_causallm.base_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
+    def _latent_passes(
+        self,
+        embeds: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        layout: LatentLayout,
+        keep_cache: bool = False,
+    ) -> tuple[Tensor, Tensor, DynamicCache | None]:
+        """The multi-pass computation over an aligned batch.
+
+        Pass 0 runs the prefix before the first latent column ``s``; pass ``i`` (1 <= i < n) runs the
+        single column ``s + i - 1`` whose input is thought ``i - 1``; the last pass runs the rest. After
+        each pass the last hidden state becomes the input at the next latent column for the rows that
+        still have thoughts; other rows keep their token embedding there.
+
+        Args:
+            embeds: (B, L, D) token embeddings.
+            attention_mask, position_ids: (B, L).
+
+        Returns:
+            hidden: (B, L, D) last hidden states of every position.
+            fed: (B, n, D) the inputs at the latent columns s..s+n-1 (thoughts where a row has them).
+            cache: the KV cache over all L positions (None when the batch has no thoughts and
+                ``keep_cache`` is False: a single pass needs none).
+        """
+        if layout.max_count == 0:
+            cache = DynamicCache(config=self.base_causallm.config) if keep_cache else None
+            return self._backbone(embeds, attention_mask, position_ids, cache), embeds[:, :0], cache
+
+        start, count = layout.start, layout.max_count
+        cache = DynamicCache(config=self.base_causallm.config)
+        chunks = [self._backbone(embeds[:, :start], attention_mask[:, :start], position_ids[:, :start], cache)]
+        fed = []
+        for i in range(count):
+            column = start + i
+            thought = chunks[-1][:, -1]  # (B, D) hidden state of the position before `column`
+            has_thought = (layout.counts > i)[:, None]  # (B, 1)
+            fed.append(torch.where(has_thought, thought, embeds[:, column]))  # (B, D)
+            if i + 1 < count:
+                step_input = fed[-1][:, None]  # (B, 1, D)
+                end = column + 1
+            else:
+                step_input = torch.cat([fed[-1][:, None], embeds[:, column + 1 :]], dim=1)  # (B, L - column, D)
+                end = embeds.shape[1]
+            chunks.append(self._backbone(step_input, attention_mask[:, :end], position_ids[:, column:end], cache))
+        return torch.cat(chunks, dim=1), torch.stack(fed, dim=1), cache
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        return_logits: bool = True,
+        **kwargs,
+    ) -> Outputs:
+        """Multi-pass forward over a batch laid out by the collator.
+
+        Args:
+            input_ids, attention_mask, labels, position_ids: (B, L); labels use -100 for ignored
+                positions; position_ids default to 0..L-1.
+            return_logits: False computes the LM head only at labelled positions (training), and
+                returns ``logits=None``.
+
+        Returns:
+            Outputs(loss, inputs_embeds, logits): mean next-token cross-entropy over labelled positions
+            (None without labels), the inputs with thoughts filled in (B, L, D), logits (B, L, V).
+        """
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        layout = latent_layout(input_ids, self.latent_token_id)
+        embeds = self.embedding(input_ids)  # (B, L, D)
+        hidden, fed, _ = self._latent_passes(embeds, attention_mask, position_ids, layout)
+        if layout.max_count > 0:
+            start, end = layout.start, layout.start + layout.max_count
+            embeds = torch.cat([embeds[:, :start], fed, embeds[:, end:]], dim=1)
+
+        logits = self.lm_head(hidden) if return_logits else None  # (B, L, V)
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:]  # (B, L-1)
+            if logits is not None:
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+                )
+            else:
+                keep = targets != IGNORE_INDEX
+                selected = self.lm_head(hidden[:, :-1][keep])  # (N, V)
+                loss = F.cross_entropy(selected.float(), targets[keep])
+        return Outputs(loss=loss, inputs_embeds=embeds, logits=logits)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int = 16,
+        sync_forward_passes: int | None = None,
+        return_thoughts: bool = False,
+        **kwargs,
+    ) -> GenerationOutput:
+        """Greedy batched generation with continuous thoughts and a KV cache throughout.
+
+        Prompts may differ in length and in latent count and may be left or right padded; they are
+        re-aligned so every row computes exactly what it would alone (real tokens keep positions
+        0..len-1, pads are masked). Each row stops at eos; the loop ends when all rows have.
+
+        Under FSDP every rank must run the same number of forwards, or the per-layer all-gathers
+        deadlock. Pass ``sync_forward_passes`` (for example the largest latent count plus
+        ``max_new_tokens``): the call then runs exactly that many transformer forwards on every rank,
+        the real ones followed by one-token dummy ones, so ranks stay in step by construction.
+
+        Args:
+            input_ids, attention_mask: (B, L) prompts ending after ``<|end-latent|>`` (or any prompt).
+            max_new_tokens: at most this many tokens are generated per row (eos not counted).
+            sync_forward_passes: exact number of transformer forwards to run (see above).
+            return_thoughts: also return the fed thoughts.
+        """
+        if kwargs.get("do_sample"):
+            raise NotImplementedError("only greedy decoding is implemented")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pad_id = self.eos_token_id
+        prompts = align_prompts(input_ids, attention_mask, self.latent_token_id, pad_id)
+        layout = latent_layout(prompts.input_ids, self.latent_token_id)
+        batch, width = prompts.input_ids.shape
+        device = input_ids.device
+
+        embeds = self.embedding(prompts.input_ids)  # (B, W, D)
+        hidden, fed, cache = self._latent_passes(
+            embeds, prompts.attention_mask, prompts.position_ids, layout, keep_cache=True
+        )
+        forwards_run = layout.max_count + 1
+        last_hidden = hidden[torch.arange(batch, device=device), prompts.last_column]  # (B, D)
+        next_tokens = self.lm_head(last_hidden).argmax(dim=-1)  # (B,)
+
+        tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        forward_passes = layout.counts + 1
+        mask = torch.cat([prompts.attention_mask, prompts.attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+        for step in range(max_new_tokens):
+            finished |= next_tokens == self.eos_token_id
+            tokens[:, step] = torch.where(finished, pad_id, next_tokens)
+            lengths += (~finished).long()
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            forward_passes += (~finished).long()
+            step_embeds = self.embedding(next_tokens)[:, None]  # (B, 1, D)
+            positions = (prompts.lengths + step)[:, None]  # (B, 1)
+            step_hidden = self._backbone(step_embeds, mask[:, : width + step + 1], positions, cache)
+            forwards_run += 1
+            next_tokens = self.lm_head(step_hidden[:, -1]).argmax(dim=-1)
+
+        if sync_forward_passes is not None:
+            self._pad_forwards(sync_forward_passes - forwards_run, device)
+        return GenerationOutput(
+            tokens=tokens[:, : int(lengths.max()) if batch else 0],
+            lengths=lengths,
+            forward_passes=forward_passes,
+            latent_counts=layout.counts,
+            thoughts=fed if return_thoughts else None,
+        )
+
+    def _pad_forwards(self, missing: int, device: torch.device) -> None:
+        """Run ``missing`` one-token forwards whose results are discarded (keeps FSDP ranks in step)."""
+        if missing < 0:
+            raise ValueError(
+                f"sync_forward_passes is {-missing} short of what this batch needed; raise it to at least "
+                "the largest latent count + max_new_tokens"
+            )
+        if missing == 0:
+            return
+        token = torch.full((1, 1), self.eos_token_id, dtype=torch.long, device=device)
+        embeds = self.embedding(token)
+        mask, positions = torch.ones_like(token), torch.zeros_like(token)
+        for _ in range(missing):
+            self._backbone(embeds, mask, positions, cache=None)

@@ -1,0 +1,71 @@
+"""Tiny models and ragged Coconut batches shared by the model tests (no network, no tokenizer)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from noblankslate.model.coconut import Coconut
+
+VOCAB = 64
+EOS, START, END, LATENT = 60, 61, 62, 63
+WORDS = list(range(1, 60))
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=256,
+                        initializer_range=0.3, bos_token_id=EOS, eos_token_id=EOS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).float().eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                         initializer_range=0.3, bos_token_id=EOS, eos_token_id=EOS, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).float().eval()
+
+
+MODEL_FACTORIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def wrap(base) -> Coconut:
+    return Coconut(base, LATENT, START, END, EOS)
+
+
+def make_row(rng: random.Random, question_len: int, n_latent: int, tail_len: int) -> tuple[list[int], list[int]]:
+    """question + <start> + latents + <end> + tail; labels cover only the tail (as the curriculum does)."""
+    question = [rng.choice(WORDS) for _ in range(question_len)]
+    tail = [rng.choice(WORDS) for _ in range(tail_len)] + [EOS]
+    markers = [START] + [LATENT] * n_latent + [END]
+    ids = question + markers + tail
+    labels = [-100] * (len(question) + len(markers)) + tail
+    return ids, labels
+
+
+def collate(rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """The Coconut layout, written plainly: left-pad rows with thoughts so their first latent aligns."""
+    firsts = [ids.index(LATENT) for ids, _ in rows if LATENT in ids]
+    target = max(firsts) if firsts else 0
+    laid = []
+    for ids, labels in rows:
+        pad = target - ids.index(LATENT) if LATENT in ids else 0
+        laid.append(([EOS] * pad + ids, [-100] * pad + labels, [0] * pad + [1] * len(ids),
+                     [0] * pad + list(range(len(ids)))))
+    width = max(len(r[0]) for r in laid)
+    out = {"input_ids": [], "labels": [], "attention_mask": [], "position_ids": []}
+    for ids, labels, mask, pos in laid:
+        extra = width - len(ids)
+        out["input_ids"].append(ids + [EOS] * extra)
+        out["labels"].append(labels + [-100] * extra)
+        out["attention_mask"].append(mask + [0] * extra)
+        out["position_ids"].append(pos + [0] * extra)
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def ragged_batch(seed: int, shapes: list[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
+    rng = random.Random(seed)
+    return collate([make_row(rng, q, n, t) for q, n, t in shapes])
