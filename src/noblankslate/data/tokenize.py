@@ -1,0 +1,112 @@
+"""Tokenize a data set once, in parts, exactly as Coconut's ``get_dataset``.
+
+Question, each step and the answer are tokenized separately so the curriculum can drop steps and splice
+latent tokens by list slicing, without re-tokenizing every epoch:
+
+    question: encode(question + "\\n", add_special_tokens=True)
+    step:     encode(step + "\\n", add_special_tokens=False)
+    answer:   encode("### " + answer, add_special_tokens=False) + [eos]
+
+That is only correct when tokenizing the parts gives the tokens of the whole text, so (like the
+original) the first example is checked and a :class:`TokenizationMismatchError` is raised otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from noblankslate.data.schema import Example
+
+
+class TokenizationMismatchError(ValueError):
+    """Tokenizing an example's parts separately gives other tokens than tokenizing the whole text."""
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One example's token ids, per part (the original's ``*_tokenized`` columns)."""
+
+    idx: int
+    question_ids: tuple[int, ...]
+    step_ids: tuple[tuple[int, ...], ...]
+    answer_ids: tuple[int, ...]
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.step_ids)
+
+    def full_ids(self) -> list[int]:
+        """Question, every step and the answer: the stage-0 CoT sequence without markers."""
+        return [*self.question_ids, *itertools.chain.from_iterable(self.step_ids), *self.answer_ids]
+
+
+def full_text(example: Example) -> str:
+    """The whole example as one string, as the parts are tokenized (question, steps, answer, each
+    but the answer ending with a newline).
+
+    The original writes ``question + "\\n" + "\\n".join(steps) + "\\n### " + answer``, which is the same
+    string except for an example without steps, where it has one newline too many (and fails its check).
+    """
+    return example.question + "\n" + "".join(step + "\n" for step in example.steps) + "### " + example.answer
+
+
+def _encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def check_tokenization(example: Example, tokenized: TokenizedExample, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Raise :class:`TokenizationMismatchError` unless the parts concatenate to the whole text's tokens."""
+    expected = tokenizer.encode(full_text(example), add_special_tokens=True) + [tokenizer.eos_token_id]
+    got = tokenized.full_ids()
+    if got == expected:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    raise TokenizationMismatchError(
+        f"tokenizer {name!r} splits example {example.idx} differently when its question, steps and answer "
+        f"are tokenized separately (as Coconut does) than as one text; first difference at token {at}: "
+        f"parts give {tokenizer.convert_ids_to_tokens(got[at:at + 5])}, "
+        f"whole text gives {tokenizer.convert_ids_to_tokens(expected[at:at + 5])}. "
+        "Coconut needs pieces that never cross a part boundary (the newline after the question and each "
+        "step): remove whitespace before those newlines in the data, or use another tokenizer."
+    )
+
+
+def tokenize_examples(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, n_check: int = 1
+) -> list[TokenizedExample]:
+    """Tokenize every example in parts, with one batched tokenizer call per kind of part.
+
+    Args:
+        examples: the loaded data set.
+        tokenizer: the run's tokenizer (with an eos token).
+        n_check: how many leading examples to check against the whole-text tokenization (the original
+            checks one; the check is one extra ``encode`` per example).
+
+    Returns:
+        One :class:`TokenizedExample` per example, in order.
+
+    Raises:
+        TokenizationMismatchError: the parts do not concatenate to the whole text's tokens.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; Coconut ends every answer with eos")
+    eos = tokenizer.eos_token_id
+    questions = _encode_batch(tokenizer, [e.question + "\n" for e in examples], add_special_tokens=True)
+    flat_steps = _encode_batch(tokenizer, [s + "\n" for e in examples for s in e.steps], add_special_tokens=False)
+    answers = _encode_batch(tokenizer, ["### " + e.answer for e in examples], add_special_tokens=False)
+
+    result = []
+    steps_iter = iter(flat_steps)
+    for example, question, answer in zip(examples, questions, answers):
+        steps = tuple(tuple(next(steps_iter)) for _ in example.steps)
+        result.append(TokenizedExample(example.idx, tuple(question), steps, (*answer, eos)))
+    for example, tokenized in zip(examples[:n_check], result[:n_check]):
+        check_tokenization(example, tokenized, tokenizer)
+    return result
