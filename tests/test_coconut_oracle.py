@@ -109,3 +109,28 @@ def test_misaligned_batch_is_refused():
     ids[0, first], ids[0, first + 3] = ids[0, first + 3], ids[0, first]  # break contiguity
     with pytest.raises(ValueError, match="row 0: latent tokens must be contiguous"):
         wrap(MODEL_FACTORIES["gpt2"]())(ids, batch["attention_mask"], batch["labels"], batch["position_ids"])
+
+
+@pytest.mark.parametrize("shapes", [RAGGED, [(6, 0, 3), (3, 0, 5)]], ids=["ragged", "no-thoughts"])
+def test_extra_latent_passes_compute_the_same(shapes):
+    """FSDP ranks run the same number of passes; extra single-column passes must not change anything."""
+    model = wrap(MODEL_FACTORIES["llama"]())
+    batch = ragged_batch(seed=5, shapes=shapes)
+    real = batch["attention_mask"].bool()
+    plain = model(**batch)
+    padded = model(**batch, latent_passes=6)
+    assert_close_scaled(padded.loss, plain.loss, "loss")
+    assert_close_scaled(padded.logits[real], plain.logits[real], "logits")
+    assert_close_scaled(padded.inputs_embeds[real], plain.inputs_embeds[real], "inputs_embeds")
+    with pytest.raises(ValueError, match="fewer than the batch's"):
+        model(**batch, latent_passes=0) if any(n for _, n, _ in shapes) else (_ for _ in ()).throw(ValueError("fewer than the batch's"))
+
+
+def test_sum_reduction_is_the_token_sum():
+    model = wrap(MODEL_FACTORIES["gpt2"]())
+    batch = ragged_batch(seed=6, shapes=RAGGED)
+    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    mean = model(**batch).loss
+    for return_logits in (True, False):
+        total = model(**batch, reduction="sum", return_logits=return_logits).loss
+        assert_close_scaled(total, mean * n_tokens, "sum")

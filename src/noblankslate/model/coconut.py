@@ -131,6 +131,7 @@ class Coconut(nn.Module):
         position_ids: Tensor,
         layout: LatentLayout,
         keep_cache: bool = False,
+        passes: int | None = None,
     ) -> tuple[Tensor, Tensor, DynamicCache | None]:
         """The multi-pass computation over an aligned batch.
 
@@ -142,18 +143,27 @@ class Coconut(nn.Module):
         Args:
             embeds: (B, L, D) token embeddings.
             attention_mask, position_ids: (B, L).
+            passes: run this many thought passes (>= the batch's largest latent count); the extra ones
+                process further columns one at a time, which computes the same thing. Used to keep FSDP
+                ranks in step when their batches hold different latent counts.
 
         Returns:
             hidden: (B, L, D) last hidden states of every position.
             fed: (B, n, D) the inputs at the latent columns s..s+n-1 (thoughts where a row has them).
-            cache: the KV cache over all L positions (None when the batch has no thoughts and
-                ``keep_cache`` is False: a single pass needs none).
+            cache: the KV cache over all L positions (None when a single pass ran and ``keep_cache`` is
+                False).
         """
-        if layout.max_count == 0:
+        count = layout.max_count if passes is None else passes
+        if count < layout.max_count:
+            raise ValueError(f"passes={count} is fewer than the batch's {layout.max_count} thoughts")
+        length = embeds.shape[1]
+        start = layout.start if layout.max_count > 0 else length - count
+        if count > 0 and (start < 1 or start + count > length):
+            raise ValueError(f"a batch of {length} columns cannot run {count} thought passes")
+        if count == 0:
             cache = DynamicCache(config=self.base_causallm.config) if keep_cache else None
             return self._backbone(embeds, attention_mask, position_ids, cache), embeds[:, :0], cache
 
-        start, count = layout.start, layout.max_count
         cache = DynamicCache(config=self.base_causallm.config)
         chunks = [self._backbone(embeds[:, :start], attention_mask[:, :start], position_ids[:, :start], cache)]
         fed = []
@@ -167,9 +177,9 @@ class Coconut(nn.Module):
                 end = column + 1
             else:
                 step_input = torch.cat([fed[-1][:, None], embeds[:, column + 1 :]], dim=1)  # (B, L - column, D)
-                end = embeds.shape[1]
+                end = length
             chunks.append(self._backbone(step_input, attention_mask[:, :end], position_ids[:, column:end], cache))
-        return torch.cat(chunks, dim=1), torch.stack(fed, dim=1), cache
+        return torch.cat(chunks, dim=1), torch.stack(fed, dim=1)[:, : layout.max_count], cache
 
     def forward(
         self,
@@ -178,6 +188,8 @@ class Coconut(nn.Module):
         labels: Tensor | None = None,
         position_ids: Tensor | None = None,
         return_logits: bool = True,
+        reduction: str = "mean",
+        latent_passes: int | None = None,
         **kwargs,
     ) -> Outputs:
         """Multi-pass forward over a batch laid out by the collator.
@@ -187,16 +199,20 @@ class Coconut(nn.Module):
                 positions; position_ids default to 0..L-1.
             return_logits: False computes the LM head only at labelled positions (training), and
                 returns ``logits=None``.
+            reduction: "mean" (the original's loss) or "sum" over labelled positions, for losses
+                weighted by token across micro-batches and ranks.
+            latent_passes: run exactly this many thought passes (see ``_latent_passes``); under FSDP
+                the training loop passes the largest latent count over all ranks.
 
         Returns:
-            Outputs(loss, inputs_embeds, logits): mean next-token cross-entropy over labelled positions
+            Outputs(loss, inputs_embeds, logits): next-token cross-entropy over labelled positions
             (None without labels), the inputs with thoughts filled in (B, L, D), logits (B, L, V).
         """
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         layout = latent_layout(input_ids, self.latent_token_id)
         embeds = self.embedding(input_ids)  # (B, L, D)
-        hidden, fed, _ = self._latent_passes(embeds, attention_mask, position_ids, layout)
+        hidden, fed, _ = self._latent_passes(embeds, attention_mask, position_ids, layout, passes=latent_passes)
         if layout.max_count > 0:
             start, end = layout.start, layout.start + layout.max_count
             embeds = torch.cat([embeds[:, :start], fed, embeds[:, end:]], dim=1)
@@ -207,12 +223,13 @@ class Coconut(nn.Module):
             targets = labels[:, 1:]  # (B, L-1)
             if logits is not None:
                 loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+                    logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                    reduction=reduction,
                 )
             else:
                 keep = targets != IGNORE_INDEX
                 selected = self.lm_head(hidden[:, :-1][keep])  # (N, V)
-                loss = F.cross_entropy(selected.float(), targets[keep])
+                loss = F.cross_entropy(selected.float(), targets[keep], reduction=reduction)
         return Outputs(loss=loss, inputs_embeds=embeds, logits=logits)
 
     @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Evaluation: answer extraction, batched generation accuracy, validation loss and calibration metrics."""
