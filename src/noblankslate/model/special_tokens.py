@@ -72,7 +72,7 @@ def init_latent_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     Note ``resize_token_embeddings(len(tokenizer))`` also shrinks a matrix larger than the tokenizer
     (Qwen pads its vocabulary), exactly as the original.
     """
-    model.resize_token_embeddings(len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set below
     source_id = tokenizer.convert_tokens_to_ids(INIT_SOURCE_TOKEN)
     if source_id is None or source_id == tokenizer.unk_token_id or source_id in ids.as_tuple():
         source_id = None

