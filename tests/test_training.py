@@ -1,0 +1,168 @@
+"""The training loop end to end on tiny runs: resume after a kill, accumulation, methods, eval-only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from noblankslate.config import config_from_dict
+from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
+from noblankslate.train.distributed import DistributedContext
+from noblankslate.train.loop import Trainer, train
+from noblankslate.train.track import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    config = ProsQAConfig.small(concepts=(3, 4), distance=(2, 2))
+    train_examples = generate_prosqa(48, seed=0, config=config)
+    val_examples = generate_prosqa(12, seed=1, config=config, exclude_questions={e["question"] for e in train_examples})
+    (folder / "train.json").write_text(json.dumps(train_examples))
+    (folder / "valid.json").write_text(json.dumps(val_examples))
+    return folder / "train.json", folder / "valid.json"
+
+
+def tiny_config(tmp_path: Path, data: tuple[Path, Path], **overrides) -> dict:
+    raw = {
+        "save_path": str(tmp_path / "runs"), "name": "tiny", "coconut": True, "c_thought": 1,
+        "epochs_per_stage": 1, "max_latent_stage": 2, "pad_latent_to_max": True, "reset_optimizer": True,
+        "train_path": str(data[0]), "val_path": str(data[1]), "batch_size_training": 8, "num_epochs": 3,
+        "lr": 1e-3, "max_new_tokens": 6, "seed": 3,
+        "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.1},
+    }
+    raw.update(overrides)
+    return raw
+
+
+def final_weights(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / f"checkpoint_{epoch}" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_data):
+    """SIGKILL a real run as soon as its first checkpoint appears; started again it must reach exactly
+    the weights of a run that was never interrupted (dropout on, so RNG state must be restored too)."""
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=4)
+    train(config_from_dict({**raw, "name": "straight"}), CPU)
+
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(yaml.safe_dump({**raw, "name": "killed"}))
+    run_dir = tmp_path / "runs" / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "run.py"), str(config_path)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint_1").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "checkpoint_4").exists(), "the run finished before it could be killed"
+
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert_same_weights(final_weights(run_dir, 4), final_weights(tmp_path / "runs" / "straight", 4))
+
+
+def _step_gradients(raw: dict) -> list[dict[str, torch.Tensor]]:
+    """Run one epoch and record the gradient the optimizer sees at every step."""
+    trainer = Trainer(config_from_dict(raw), CPU)
+    recorded = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        recorded.append({n: p.grad.clone() for n, p in trainer.parallel.model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.run()
+    return recorded
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path, tiny_data):
+    """Batch 4 x 2 accumulation steps (with a partial last group: 44 examples) gives, step by step, the
+    gradient of batch 8: the same examples per step, every labelled token weighted equally."""
+    examples = json.loads(tiny_data[0].read_text())[:44]
+    (tmp_path / "train44.json").write_text(json.dumps(examples))
+    base = tiny_config(tmp_path, tiny_data, num_epochs=1, train_path=str(tmp_path / "train44.json"))
+    base["model_config"]["dropout"] = 0.0
+    large = _step_gradients({**base, "name": "large", "batch_size_training": 8})
+    accum = _step_gradients({**base, "name": "accum", "batch_size_training": 4, "gradient_accumulation_steps": 2})
+    assert len(large) == len(accum) == 6
+    for step, (a, b) in enumerate(zip(accum, large)):
+        for name in b:
+            scale = float(b[name].abs().max()) or 1.0
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5 * scale, msg=f"step {step}: {name}")
+
+
+@pytest.mark.parametrize(
+    "method, expect",
+    [
+        ({"coconut": True}, {"stages": [0, 1], "thoughts": True}),
+        ({"coconut": True, "no_curriculum": True}, {"stages": [3, 3], "thoughts": True}),
+        ({"coconut": True, "pause_as_thought": True}, {"stages": [0, 1], "thoughts": False}),
+        ({"coconut": False, "pause_token": True}, {"stages": [3, 3], "thoughts": False}),
+        ({"coconut": False, "cot": True}, {"stages": [0, 0], "thoughts": False}),
+        ({"coconut": False, "no_cot": True}, {"stages": [0, 0], "thoughts": False}),
+        ({"coconut": False, "no_thoughts": True}, {"stages": [0, 1], "thoughts": False}),
+    ],
+    ids=["coconut", "no_curriculum", "pause_as_thought", "pause_token", "cot", "no_cot", "no_thoughts"],
+)
+def test_every_method_trains_and_evaluates(tmp_path, tiny_data, method, expect):
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=2, **method)
+    results = train(config_from_dict(raw), CPU)
+    assert [r.stage for r in results] == expect["stages"]
+    for r in results:
+        e = r.evaluation
+        assert e.total == 12 and r.train_loss == r.train_loss  # every example scored once, loss not NaN
+        # per example: thoughts + 1 prompt pass + one pass per further token (one fewer when the row hit
+        # max_new_tokens instead of eos), so the mean surplus lies in [-1, 0]
+        thoughts = min(r.stage, raw["max_latent_stage"]) if expect["thoughts"] else 0
+        surplus = (e.forward_passes - e.total * (thoughts + 1) - e.generated_tokens) / e.total
+        assert -1.0 <= surplus <= 0.0
+    records = read_metrics(tmp_path / "runs" / "tiny")
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
+    predictions = (tmp_path / "runs" / "tiny" / "predictions_epoch_2.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["idx"] for line in predictions) == list(range(12))
+
+
+def test_only_eval_reproduces_the_checkpoint_accuracy(tmp_path, tiny_data):
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=2)
+    trained = train(config_from_dict(raw), CPU)
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoint_2"
+    evaluated = train(config_from_dict({**raw, "name": "eval", "only_eval": True, "resume": 1,
+                                        "load_model_path": str(checkpoint)}), CPU)
+    assert len(evaluated) == 1 and evaluated[0].stage == trained[-1].stage
+    assert [p["output"] for p in evaluated[0].evaluation.predictions] == [p["output"] for p in trained[-1].evaluation.predictions]
+    assert not (tmp_path / "runs" / "eval" / "checkpoint_2").exists()
+
+
+def test_debug_writes_nothing(tmp_path, tiny_data):
+    train(config_from_dict(tiny_config(tmp_path, tiny_data, num_epochs=1, debug=True)), CPU)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_data_stops_before_any_model_is_built(tmp_path, tiny_data):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"question": "q", "answer": "a", "steps": ["s"]}, {"question": "q", "steps": "s"}]))
+    from noblankslate.data.schema import DataError
+
+    with pytest.raises(DataError, match=r"bad.json: record 1, field 'answer': missing"):
+        train(config_from_dict(tiny_config(tmp_path, tiny_data, train_path=str(bad))), CPU)
