@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,7 @@ class GenerationOutput:
         latent_counts: (B,) continuous thoughts per row.
         thoughts: (B, max_count, D) the continuous thoughts fed to each row (rows with fewer thoughts
             hold token embeddings past their count), when requested.
+        thoughts_used: (B,) thoughts each row fed (its latent count unless a controller stopped it).
     """
 
     tokens: Tensor
@@ -59,10 +60,42 @@ class GenerationOutput:
     forward_passes: Tensor
     latent_counts: Tensor
     thoughts: Tensor | None = None
+    thoughts_used: Tensor | None = None
 
     def sequences(self) -> list[list[int]]:
         """The generated tokens of each row as Python lists (eos excluded)."""
         return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
+
+
+class ThoughtController(Protocol):
+    """Sees every continuous thought of a generation before it is fed (the No Blank Slate memory).
+
+    Called with ``step`` = thoughts fed so far (0: ``thought`` is the hidden state at
+    ``<|start-latent|>``, the question's anchor), ``thought`` (B, D) and ``thinking`` (B,), the rows that
+    would feed it. Returns the thought to feed instead (B, D) and which rows stop thinking now (B,) bool;
+    a stopping row's ``<|end-latent|>`` follows the thoughts it has fed.
+    """
+
+    def __call__(self, step: int, thought: Tensor, thinking: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass
+class PassResult:
+    """What the latent passes computed.
+
+    Attributes:
+        hidden: (B, L, D) last hidden states of every position.
+        fed: (B, n, D) inputs at the latent columns (thoughts where a row fed one).
+        cache: the KV cache over all L positions (None when one pass ran without ``keep_cache``).
+        used: (B,) thoughts each row fed (fewer than its latent count if a controller stopped it).
+        forwards: transformer calls made.
+    """
+
+    hidden: Tensor
+    fed: Tensor
+    cache: DynamicCache | None
+    used: Tensor
+    forwards: int
 
 
 def _cache_keyword(backbone: nn.Module) -> str:
@@ -141,7 +174,8 @@ class Coconut(nn.Module):
         layout: LatentLayout,
         keep_cache: bool = False,
         passes: int | None = None,
-    ) -> tuple[Tensor, Tensor, DynamicCache | None]:
+        controller: ThoughtController | None = None,
+    ) -> PassResult:
         """The multi-pass computation over an aligned batch.
 
         Pass 0 runs the prefix before the first latent column ``s``; pass ``i`` (1 <= i < n) runs the
@@ -149,18 +183,19 @@ class Coconut(nn.Module):
         each pass the last hidden state becomes the input at the next latent column for the rows that
         still have thoughts; other rows keep their token embedding there.
 
+        A ``controller`` (generation only) sees each thought before it is fed: it may replace it (the
+        memory's nudge) and stop rows early. A row that stops after ``j`` thoughts gets its remaining
+        latent slots masked and the positions after them shifted down, so it computes exactly what it
+        would alone with ``j`` thoughts; ``attention_mask`` and ``position_ids`` are then changed in place
+        (pass clones). Once no row has another thought to feed, the rest runs as one pass.
+
         Args:
             embeds: (B, L, D) token embeddings.
             attention_mask, position_ids: (B, L).
             passes: run this many thought passes (>= the batch's largest latent count); the extra ones
                 process further columns one at a time, which computes the same thing. Used to keep FSDP
                 ranks in step when their batches hold different latent counts.
-
-        Returns:
-            hidden: (B, L, D) last hidden states of every position.
-            fed: (B, n, D) the inputs at the latent columns s..s+n-1 (thoughts where a row has them).
-            cache: the KV cache over all L positions (None when a single pass ran and ``keep_cache`` is
-                False).
+            controller: see :class:`ThoughtController`.
         """
         count = layout.max_count if passes is None else passes
         if count < layout.max_count:
@@ -171,24 +206,49 @@ class Coconut(nn.Module):
             raise ValueError(f"a batch of {length} columns cannot run {count} thought passes")
         if count == 0:
             cache = DynamicCache(config=self.base_causallm.config) if keep_cache else None
-            return self._backbone(embeds, attention_mask, position_ids, cache), embeds[:, :0], cache
+            hidden = self._backbone(embeds, attention_mask, position_ids, cache)
+            return PassResult(hidden, embeds[:, :0], cache, layout.counts, 1)
 
         cache = DynamicCache(config=self.base_causallm.config)
         chunks = [self._backbone(embeds[:, :start], attention_mask[:, :start], position_ids[:, :start], cache)]
         fed = []
+        thinking = layout.counts > 0  # (B,) rows whose next latent slot receives a thought
+        used = torch.zeros_like(layout.counts)  # (B,) thoughts fed so far
         for i in range(count):
             column = start + i
             thought = chunks[-1][:, -1]  # (B, D) hidden state of the position before `column`
-            has_thought = (layout.counts > i)[:, None]  # (B, 1)
-            fed.append(torch.where(has_thought, thought, embeds[:, column]))  # (B, D)
-            if i + 1 < count:
+            thinking = thinking & (layout.counts > i)
+            if controller is not None and bool(thinking.any()):
+                thought, stop = controller(i, thought, thinking)
+                stop = stop & thinking
+                if bool(stop.any()):
+                    self._skip_remaining_slots(stop, i, start, layout.counts, attention_mask, position_ids)
+                    thinking = thinking & ~stop
+            fed.append(torch.where(thinking[:, None], thought, embeds[:, column]))  # (B, D)
+            used += thinking.long()
+            more = i + 1 < count and (controller is None or bool((thinking & (layout.counts > i + 1)).any()))
+            if more:
                 step_input = fed[-1][:, None]  # (B, 1, D)
                 end = column + 1
             else:
                 step_input = torch.cat([fed[-1][:, None], embeds[:, column + 1 :]], dim=1)  # (B, L - column, D)
                 end = length
             chunks.append(self._backbone(step_input, attention_mask[:, :end], position_ids[:, column:end], cache))
-        return torch.cat(chunks, dim=1), torch.stack(fed, dim=1)[:, : layout.max_count], cache
+            if not more:
+                break
+        return PassResult(torch.cat(chunks, dim=1), torch.stack(fed, dim=1)[:, : layout.max_count], cache, used, len(chunks))
+
+    @staticmethod
+    def _skip_remaining_slots(
+        stop: Tensor, step: int, start: int, counts: Tensor, attention_mask: Tensor, position_ids: Tensor
+    ) -> None:
+        """Mask the latent slots a stopped row will not use and close the gap in its positions."""
+        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]  # (1, L)
+        slots_end = (start + counts)[:, None]  # (B, 1)
+        skipped = stop[:, None] & (columns >= start + step) & (columns < slots_end)  # (B, L)
+        attention_mask.masked_fill_(skipped, 0)
+        after = stop[:, None] & (columns >= slots_end)
+        position_ids.sub_(torch.where(after, (counts - step)[:, None], 0))
 
     def forward(
         self,
@@ -221,7 +281,8 @@ class Coconut(nn.Module):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         layout = self._layout(input_ids)
         embeds = self.embedding(input_ids)  # (B, L, D)
-        hidden, fed, _ = self._latent_passes(embeds, attention_mask, position_ids, layout, passes=latent_passes)
+        passed = self._latent_passes(embeds, attention_mask, position_ids, layout, passes=latent_passes)
+        hidden, fed = passed.hidden, passed.fed
         if layout.max_count > 0:
             start, end = layout.start, layout.start + layout.max_count
             embeds = torch.cat([embeds[:, :start], fed, embeds[:, end:]], dim=1)
@@ -249,6 +310,7 @@ class Coconut(nn.Module):
         max_new_tokens: int = 16,
         sync_forward_passes: int | None = None,
         return_thoughts: bool = False,
+        controller: ThoughtController | None = None,
         **kwargs,
     ) -> GenerationOutput:
         """Greedy batched generation with continuous thoughts and a KV cache throughout.
@@ -267,6 +329,8 @@ class Coconut(nn.Module):
             max_new_tokens: at most this many tokens are generated per row (eos not counted).
             sync_forward_passes: exact number of transformer forwards to run (see above).
             return_thoughts: also return the fed thoughts.
+            controller: sees each thought before it is fed; may replace it and stop rows early
+                (see :class:`ThoughtController`). A row that stops early gives what it would alone.
         """
         if kwargs.get("do_sample"):
             raise NotImplementedError("only greedy decoding is implemented")
@@ -281,18 +345,21 @@ class Coconut(nn.Module):
         device = input_ids.device
 
         embeds = self.embedding(prompts.input_ids)  # (B, W, D)
-        hidden, fed, cache = self._latent_passes(
-            embeds, prompts.attention_mask, prompts.position_ids, layout, keep_cache=True
-        )
-        forwards_run = layout.max_count + 1
-        last_hidden = hidden[torch.arange(batch, device=device), prompts.last_column]  # (B, D)
+        prompt_mask, positions = prompts.attention_mask.clone(), prompts.position_ids.clone()
+        passed = self._latent_passes(embeds, prompt_mask, positions, layout, keep_cache=True, controller=controller)
+        cache, forwards_run = passed.cache, passed.forwards
+        skipped = layout.counts - passed.used  # (B,) latent slots a stopped row did not use
+        lengths_after_thoughts = prompts.lengths - skipped  # (B,) the row's prompt length as if alone
+        # A row alone with j thoughts that stopped early made j + 2 passes (prefix, j thoughts checked one
+        # by one, then the rest); one that used all its n thoughts made n + 1 (the last with the rest).
+        forward_passes = torch.where(skipped > 0, passed.used + 2, layout.counts + 1)
+        last_hidden = passed.hidden[torch.arange(batch, device=device), prompts.last_column]  # (B, D)
         next_tokens = self.lm_head(last_hidden).argmax(dim=-1)  # (B,)
 
         tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        forward_passes = layout.counts + 1
-        mask = torch.cat([prompts.attention_mask, prompts.attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
         for step in range(max_new_tokens):
             finished |= next_tokens == self.eos_token_id
             tokens[:, step] = torch.where(finished, pad_id, next_tokens)
@@ -301,8 +368,8 @@ class Coconut(nn.Module):
                 break
             forward_passes += (~finished).long()
             step_embeds = self.embedding(next_tokens)[:, None]  # (B, 1, D)
-            positions = (prompts.lengths + step)[:, None]  # (B, 1)
-            step_hidden = self._backbone(step_embeds, mask[:, : width + step + 1], positions, cache)
+            step_positions = (lengths_after_thoughts + step)[:, None]  # (B, 1)
+            step_hidden = self._backbone(step_embeds, mask[:, : width + step + 1], step_positions, cache)
             forwards_run += 1
             next_tokens = self.lm_head(step_hidden[:, -1]).argmax(dim=-1)
 
@@ -313,7 +380,8 @@ class Coconut(nn.Module):
             lengths=lengths,
             forward_passes=forward_passes,
             latent_counts=layout.counts,
-            thoughts=fed if return_thoughts else None,
+            thoughts=passed.fed if return_thoughts else None,
+            thoughts_used=passed.used,
         )
 
     def _pad_forwards(self, missing: int, device: torch.device) -> None:
