@@ -138,3 +138,20 @@ def test_bad_files(tmp_path):
 
 def test_defaults_need_a_method():
     assert config_from_dict({"cot": True}) == Config(cot=True)
+
+
+def test_memory_sections_validate_and_take_dotted_overrides(tmp_path):
+    text = ORIGINAL_PROSQA + "retrieval:\n  enabled: true\n  k: 4\n  metric: l2\nnudge:\n  alpha_max: 0.5\n  exit_threshold: 0.9\n"
+    config = load_config(write(tmp_path, text), ["retrieval.k=8", "nudge.clip_radius=2.5", "index.path=/tmp/i.bin"])
+    assert (config.retrieval.enabled, config.retrieval.k, config.retrieval.metric) == (True, 8, "l2")
+    assert (config.nudge.alpha_max, config.nudge.exit_threshold, config.nudge.clip_radius) == (0.5, 0.9, 2.5)
+    assert config.index.path == "/tmp/i.bin" and not config.training.nudge_contrastive
+    assert Config(coconut=True).index.path == "data/index/faiss_index.bin"
+    with pytest.raises(ConfigError, match="unknown config key 'retrieval.top_k'; did you mean 'retrieval.k'"):
+        load_config(write(tmp_path, text), ["retrieval.top_k=3"])
+    with pytest.raises(ConfigError, match="retrieval.metric: expected 'cosine', 'ip' or 'l2', got 'dot'"):
+        load_config(write(tmp_path, text), ["retrieval.metric=dot"])
+    with pytest.raises(ConfigError, match="nudge.calibration: expected none, temperature, platt or isotonic"):
+        load_config(write(tmp_path, text), ["nudge.calibration=beta"])
+    with pytest.raises(ConfigError, match="retrieval: expected a mapping"):
+        load_config(write(tmp_path, ORIGINAL_PROSQA + "retrieval: 3\n"))

@@ -16,7 +16,7 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,112 @@ class ModelConfig:
             raise ConfigError(f"model_config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model_config.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
+class RetrievalConfig:
+    """The No Blank Slate memory: what is stored and how it is searched (``retrieval`` section)."""
+
+    enabled: bool = False
+    """false: everything behaves exactly as plain Coconut."""
+    k: int = 4
+    """Neighbours retrieved per question."""
+    sim_threshold: float = 0.5
+    """Neighbours at least this similar are hits (similarity: cosine/ip score, or -squared L2)."""
+    key_dim: int | None = None
+    """Size of the retrieval key phi(anchor); null = hidden size (no projection)."""
+    value_dim: int | None = None
+    """Size each stored thought is compressed to (PCA, reconstructed before use); null = hidden size."""
+    metric: str = "cosine"
+    """"cosine", "ip" or "l2"."""
+    normalize_keys: bool = True
+    """L2-normalise keys before indexing and search."""
+    build_from: str | None = None
+    """Data to build the memory from; null = train_path. Never the evaluated data."""
+    build_limit: int | None = None
+    """Use at most this many examples of build_from."""
+    correct_only: bool = True
+    """Store only examples the model answered correctly."""
+    dedup_threshold: float | None = 0.9999
+    """Skip an entry whose key is at least this similar to a stored one; null keeps all."""
+    calibration_fraction: float = 0.2
+    """Fraction of the build data held out to fit the calibration and the exit probe."""
+    build_batch_size: int = 64
+    """Generation batch size while building."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("cosine", "ip", "l2"):
+            raise ConfigError(f"retrieval.metric: expected 'cosine', 'ip' or 'l2', got {self.metric!r}")
+        if self.k < 1:
+            raise ConfigError(f"retrieval.k must be >= 1, got {self.k}")
+        for key in ("key_dim", "value_dim", "build_limit"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"retrieval.{key} must be >= 1 or null, got {getattr(self, key)!r}")
+        if not 0.0 < self.calibration_fraction < 1.0:
+            raise ConfigError(f"retrieval.calibration_fraction must be in (0, 1), got {self.calibration_fraction!r}")
+        if self.build_batch_size < 1:
+            raise ConfigError(f"retrieval.build_batch_size must be >= 1, got {self.build_batch_size}")
+
+
+@dataclass
+class NudgeConfig:
+    """How retrieved trajectories steer the thoughts, and when to stop thinking (``nudge`` section)."""
+
+    alpha_max: float = 0.3
+    """Largest step toward the neighbours' thought, scaled by the calibrated confidence."""
+    clip_radius: float | None = None
+    """Cap on the L2 norm of each nudge; null = no cap."""
+    calibration: str = "platt"
+    """Confidence from the best similarity (and the exit probe's calibration): "none" (1 for a hit),
+    "temperature", "platt" or "isotonic"."""
+    exit_threshold: float | None = None
+    """Stop thinking when the exit score reaches this; null = never exit early."""
+    exit_metric: str = "probe"
+    """"probe": a learned, calibrated probe on the thought predicting "exiting now is right";
+    "stability": cosine between consecutive thoughts (training-free); "neighbors": the retrieval
+    confidence once the neighbours' recorded exit step is reached (training-free)."""
+    match_norm: bool = True
+    """Rescale a nudged thought to the norm of the original one."""
+
+    def __post_init__(self) -> None:
+        if self.calibration not in ("none", "temperature", "platt", "isotonic"):
+            raise ConfigError(f"nudge.calibration: expected none, temperature, platt or isotonic, got {self.calibration!r}")
+        if self.exit_metric not in ("probe", "stability", "neighbors"):
+            raise ConfigError(f"nudge.exit_metric: expected probe, stability or neighbors, got {self.exit_metric!r}")
+        if self.alpha_max < 0:
+            raise ConfigError(f"nudge.alpha_max must be >= 0, got {self.alpha_max}")
+        if self.clip_radius is not None and self.clip_radius <= 0:
+            raise ConfigError(f"nudge.clip_radius must be > 0 or null, got {self.clip_radius}")
+
+
+@dataclass
+class TrainingConfig:
+    """Training-side adaptation of the key projection (``training`` section)."""
+
+    nudge_contrastive: bool = False
+    """Add an InfoNCE loss between an example's projected anchor and its projected trajectory."""
+    nudge_contrastive_weight: float = 0.1
+    retrieval_buffer_limit: int = 4096
+    """Detached trajectory projections kept as extra negatives."""
+    nudge_buffer_batch: int = 256
+    """Negatives drawn from the buffer per step."""
+    contrastive_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("nudge_contrastive_weight", "contrastive_temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"training.{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("retrieval_buffer_limit", "nudge_buffer_batch"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"training.{key} must be >= 0, got {getattr(self, key)!r}")
+
+
+@dataclass
+class IndexConfig:
+    """Where the memory lives (``index`` section)."""
+
+    path: str = "data/index/faiss_index.bin"
+    """The FAISS index file; values and metadata are written beside it."""
 
 
 @dataclass
@@ -149,6 +255,12 @@ class Config:
     weight_decay: float = 0.01
     debug: bool = False
     """Use a small subset of the data, save nothing and track nothing."""
+
+    # No Blank Slate
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    nudge: NudgeConfig = field(default_factory=NudgeConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def __post_init__(self) -> None:
         _check_range(self)
