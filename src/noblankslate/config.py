@@ -390,6 +390,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
 
 
+def _suggest(key: str, valid: list[str]) -> str | None:
+    """The valid key a typo most likely meant: a close spelling, else one that is a word of the key
+    (``top_k`` -> ``k``) or contains it as a word."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    words = set(key.split("_"))
+    related = [name for name in valid if name in words or key in name.split("_")]
+    return related[0] if related else None
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in fields(cls)]
@@ -402,8 +413,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
                 if value not in (_INERT_LEGACY_KEYS[key], None):
                     raise ConfigError(f"{key}: {value!r} is not supported (only {_INERT_LEGACY_KEYS[key]!r})")
                 continue
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            close = _suggest(key, valid)
+            hint = f"; did you mean '{prefix}{close}'?" if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(prefix + key, value, hints[key])
     try:
