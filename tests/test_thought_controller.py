@@ -13,16 +13,16 @@ from test_generate import pad, prompt
 ROWS = [(7, 3), (12, 0), (4, 1), (9, 2), (5, 6), (6, 4)]  # (question length, latent count)
 
 
-class StopAt:
-    """Stops row b once it has fed stop_steps[b] thoughts (a scripted exit policy)."""
+class StopAfter:
+    """Row b feeds at most stop_after[b] thoughts (a scripted exit policy)."""
 
-    def __init__(self, stop_steps):
-        self.stop_steps = torch.tensor(stop_steps)
+    def __init__(self, stop_after):
+        self.stop_after = torch.tensor(stop_after)
         self.calls = []
 
     def __call__(self, step, thought, thinking):
         self.calls.append((step, thinking.clone()))
-        return thought, self.stop_steps == step
+        return thought, self.stop_after == step + 1
 
 
 class Nudge:
@@ -52,24 +52,23 @@ def test_a_controller_that_does_nothing_changes_nothing(setup):
 def test_a_row_that_stops_early_equals_the_row_alone_with_fewer_thoughts(setup):
     model, rows = setup
     ids, mask = pad(rows, "left")
-    # row 0 stops after 1 of 3 thoughts, row 4 after 2 of 6, row 5 at once (0 of 4); -1 = never
-    stop_steps = [1, -1, -1, -1, 2, 0]
-    controller = StopAt(stop_steps)
+    # row 0 stops after 1 of 3 thoughts, row 4 after 2 of 6, row 5 after 1 of 4; -1 = never
+    stop_after = [1, -1, -1, -1, 2, 1]
+    controller = StopAfter(stop_after)
     out = model.generate(ids, mask, max_new_tokens=8, controller=controller)
-    for b, ((q, n), stop) in enumerate(zip(ROWS, stop_steps)):
+    for b, ((q, n), stop) in enumerate(zip(ROWS, stop_after)):
         used = n if stop < 0 else stop
         shortened = rows[b][: q + 1] + rows[b][q + 1 : q + 1 + used] + rows[b][q + 1 + n :]  # keep `used` latents
         alone = model.generate(torch.tensor([shortened]), max_new_tokens=8)
         assert out.sequences()[b] == alone.sequences()[0], f"row {b}"
         assert out.thoughts_used[b] == used
-        # as if alone: stopping after j < n thoughts costs one pass more than a prompt with j thoughts
-        # (each thought is checked before the next is fed), so j + 2 prompt passes; running all n, n + 1
-        assert out.forward_passes[b] == alone.forward_passes[0] + (1 if used < n else 0)
+        # exactly the passes of the row alone with `used` thoughts: used + 1 for the prompt, then decoding
+        assert out.forward_passes[b] == alone.forward_passes[0]
     # the controller is asked only about rows that still think, and the loop ends when none does:
-    # after step 2 rows 0, 4 and 5 have stopped and rows 1-3 have no thought left
-    assert [step for step, _ in controller.calls] == [0, 1, 2]
+    # after step 1 rows 0, 4 and 5 have fed their last thought and rows 1-3 have none left
+    assert [step for step, _ in controller.calls] == [0, 1]
     assert controller.calls[0][1].tolist() == [True, False, True, True, True, True]
-    assert controller.calls[2][1].tolist() == [False, False, False, False, True, False]
+    assert controller.calls[1][1].tolist() == [False, False, False, True, True, False]
 
 
 def test_nudged_thoughts_batched_equal_each_row_alone(setup):

@@ -73,6 +73,8 @@ def evaluate_generation(
     max_new_tokens: int,
     context: DistributedContext,
     lockstep: bool = False,
+    controller=None,
+    keep_thoughts: bool = False,
 ) -> GenerationEval:
     """Greedy generation accuracy (answer after the last ``#``) and CoT exact match.
 
@@ -82,6 +84,9 @@ def evaluate_generation(
         prompts: prompt features (question, markers and thoughts) from the curriculum.
         collate: turns a list of features into a padded batch.
         lockstep: run the same number of forward calls on every rank (FSDP).
+        controller: a :class:`~noblankslate.model.coconut.ThoughtController` (the memory); its per-row
+            ``record`` is merged into each prediction record.
+        keep_thoughts: put each example's fed thoughts (n, D float32 numpy) in its record (``thoughts``).
     """
     by_idx = {example.idx: example for example in examples}
     batches, n_batches = _shard_batches(prompts, context, batch_size, sort_key=lambda f: len(f["input_ids"]))
@@ -100,10 +105,13 @@ def evaluate_generation(
         batch = collate(features)
         inputs = _to_device(batch, context.device)
         out = model.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
-                             sync_forward_passes=sync)
+                             sync_forward_passes=sync, controller=controller, return_thoughts=keep_thoughts)
         if i >= len(batches):
             continue
         texts = tokenizer.batch_decode(out.sequences(), skip_special_tokens=True)
+        extras = controller.record.rows() if controller is not None and controller.record is not None else None
+        if controller is not None:
+            controller.record = None
         for row, (idx, text) in enumerate(zip(batch["idx"].tolist(), texts)):
             example = by_idx[idx]
             prediction = extract_answer(text)
@@ -111,11 +119,17 @@ def evaluate_generation(
             cot_correct = extract_cot(text) == reference_cot(example.steps)
             tokens, passes = int(out.lengths[row]), int(out.forward_passes[row])
             counts += torch.tensor([correct, cot_correct, 1, tokens, passes], dtype=torch.float64)
-            records.append({
+            record = {
                 "idx": idx, "answer": example.answer, "prediction": prediction, "output": text,
                 "correct": correct, "cot_correct": cot_correct, "generated_tokens": tokens,
                 "forward_passes": passes, "latent_count": int(out.latent_counts[row]),
-            })
+                "thoughts_used": int(out.thoughts_used[row]),
+            }
+            if extras is not None:
+                record["memory"] = extras[row]
+            if keep_thoughts:
+                record["thoughts"] = out.thoughts[row, : int(out.latent_counts[row])].float().cpu().numpy()
+            records.append(record)
     model.train(was_training)
 
     totals = context.all_reduce_sum(counts).tolist()

@@ -72,8 +72,8 @@ class ThoughtController(Protocol):
 
     Called with ``step`` = thoughts fed so far (0: ``thought`` is the hidden state at
     ``<|start-latent|>``, the question's anchor), ``thought`` (B, D) and ``thinking`` (B,), the rows that
-    would feed it. Returns the thought to feed instead (B, D) and which rows stop thinking now (B,) bool;
-    a stopping row's ``<|end-latent|>`` follows the thoughts it has fed.
+    will feed it. Returns the thought to feed instead (B, D) and for which rows it is the last one (B,)
+    bool: their ``<|end-latent|>`` follows it, and the thoughts they would have had are skipped.
     """
 
     def __call__(self, step: int, thought: Tensor, thinking: Tensor) -> tuple[Tensor, Tensor]: ...
@@ -184,10 +184,11 @@ class Coconut(nn.Module):
         still have thoughts; other rows keep their token embedding there.
 
         A ``controller`` (generation only) sees each thought before it is fed: it may replace it (the
-        memory's nudge) and stop rows early. A row that stops after ``j`` thoughts gets its remaining
-        latent slots masked and the positions after them shifted down, so it computes exactly what it
-        would alone with ``j`` thoughts; ``attention_mask`` and ``position_ids`` are then changed in place
-        (pass clones). Once no row has another thought to feed, the rest runs as one pass.
+        memory's nudge) and mark it as a row's last. A row that stops after ``j`` thoughts gets its
+        remaining latent slots masked and the positions after them shifted down, so it computes exactly
+        what it would alone with ``j`` thoughts, in the same ``j + 1`` passes; ``attention_mask`` and
+        ``position_ids`` are then changed in place (pass clones). Once no row has another thought to
+        feed, the rest runs as one pass.
 
         Args:
             embeds: (B, L, D) token embeddings.
@@ -218,14 +219,15 @@ class Coconut(nn.Module):
             column = start + i
             thought = chunks[-1][:, -1]  # (B, D) hidden state of the position before `column`
             thinking = thinking & (layout.counts > i)
+            last = torch.zeros_like(thinking)
             if controller is not None and bool(thinking.any()):
-                thought, stop = controller(i, thought, thinking)
-                stop = stop & thinking
-                if bool(stop.any()):
-                    self._skip_remaining_slots(stop, i, start, layout.counts, attention_mask, position_ids)
-                    thinking = thinking & ~stop
+                thought, last = controller(i, thought, thinking)
+                last = last & thinking & (layout.counts > i + 1)  # a row's final thought needs no stop
+                if bool(last.any()):
+                    self._skip_remaining_slots(last, i + 1, start, layout.counts, attention_mask, position_ids)
             fed.append(torch.where(thinking[:, None], thought, embeds[:, column]))  # (B, D)
             used += thinking.long()
+            thinking = thinking & ~last
             more = i + 1 < count and (controller is None or bool((thinking & (layout.counts > i + 1)).any()))
             if more:
                 step_input = fed[-1][:, None]  # (B, 1, D)
@@ -350,9 +352,7 @@ class Coconut(nn.Module):
         cache, forwards_run = passed.cache, passed.forwards
         skipped = layout.counts - passed.used  # (B,) latent slots a stopped row did not use
         lengths_after_thoughts = prompts.lengths - skipped  # (B,) the row's prompt length as if alone
-        # A row alone with j thoughts that stopped early made j + 2 passes (prefix, j thoughts checked one
-        # by one, then the rest); one that used all its n thoughts made n + 1 (the last with the rest).
-        forward_passes = torch.where(skipped > 0, passed.used + 2, layout.counts + 1)
+        forward_passes = passed.used + 1  # as alone: the prefix, then one pass per thought (the last with the rest)
         last_hidden = passed.hidden[torch.arange(batch, device=device), prompts.last_column]  # (B, D)
         next_tokens = self.lm_head(last_hidden).argmax(dim=-1)  # (B,)
 

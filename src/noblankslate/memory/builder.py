@@ -1,0 +1,296 @@
+"""Building the memory from training data with the current model, saving and loading it.
+
+Build (``nbs memory build CONFIG``, and after every training epoch when ``retrieval.enabled``):
+
+1. generate every build example at the final stage (all thoughts), keeping its thoughts: the anchor
+   (the first thought, the hidden state at ``<|start-latent|>``) and the trajectory;
+2. generate it again with j = 1 .. n-1 thoughts (``<|end-latent|>`` after j thoughts), which tells how
+   few thoughts it needed and gives the exit probe its labels (thought j, read before it is fed, is
+   labelled with whether the answer after thoughts 1..j is right);
+3. split off ``retrieval.calibration_fraction`` of the examples (seeded); on the rest fit the key map
+   (PCA to ``key_dim``, or the contrastive key head), the value compression (PCA to ``value_dim``) and the
+   probe, and store the correctly answered ones; on the held-out part fit the confidence calibration
+   (best similarity -> right answer) and the probe's calibration.
+
+Generation is sharded over ranks like evaluation; the main rank fits and writes, the others wait and
+then load what it wrote, so every rank uses the same memory. The memory is never built from the data
+being evaluated: the caller passes training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from noblankslate.config import Config
+from noblankslate.data.curriculum import CurriculumSpec, prompt_view
+from noblankslate.data.schema import Example
+from noblankslate.data.tokenize import TokenizedExample
+from noblankslate.eval.evaluate import evaluate_generation
+from noblankslate.memory.calibration import Calibrator, make_calibrator
+from noblankslate.memory.controller import MemoryParts
+from noblankslate.memory.probe import ExitProbe, fit_exit_probe
+from noblankslate.memory.projection import PCAProjection
+from noblankslate.memory.store import LatentMemory, MemoryFileError
+from noblankslate.model.coconut import Coconut
+from noblankslate.train.distributed import DistributedContext
+
+KEY_MAP_SUFFIX = ".keymap.npz"
+VALUE_MAP_SUFFIX = ".valuemap.npz"
+
+
+@dataclass
+class LinearKeyMap:
+    """A learned key head ``x @ weight.T + bias`` (from contrastive training), as numpy."""
+
+    weight: np.ndarray  # (key_dim, D)
+    bias: np.ndarray  # (key_dim,)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight.T + self.bias
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's weights: a memory is only valid for the model whose thoughts it holds."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def with_thoughts(features: dict[str, Any], count: int, latent_id: int) -> dict[str, Any]:
+    """A prompt with only its first ``count`` latent tokens (``<|end-latent|>`` right after them)."""
+    ids = features["input_ids"]
+    keep, seen = [], 0
+    for token in ids:
+        if token == latent_id:
+            seen += 1
+            if seen > count:
+                continue
+        keep.append(token)
+    return {**features, "input_ids": keep, "attention_mask": [1] * len(keep), "position_ids": list(range(len(keep)))}
+
+
+@dataclass
+class BuildResult:
+    parts: MemoryParts
+    report: dict[str, Any]
+
+
+def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> str:
+    """Write arrays with np.savez (no pickle) through a temp file; returns the file's SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_npz(path: Path, sha256: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise MemoryFileError(f"{path}: missing (it belongs to the memory beside it)")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        raise MemoryFileError(f"{path}: does not match the checksum recorded in the memory (damaged or from another build)")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _map_arrays(mapping: Any) -> dict[str, np.ndarray]:
+    if isinstance(mapping, LinearKeyMap):
+        return {"kind": np.array("linear"), "weight": mapping.weight, "bias": mapping.bias}
+    if mapping.is_identity:
+        return {"kind": np.array("identity"), "dim": np.array(mapping.in_dim)}
+    return {"kind": np.array("pca"), "mean": mapping.mean, "components": mapping.components,
+            "explained_variance_ratio": mapping.explained_variance_ratio}
+
+
+def _map_from_arrays(arrays: dict[str, np.ndarray]) -> Any:
+    kind = str(arrays["kind"])
+    if kind == "linear":
+        return LinearKeyMap(arrays["weight"], arrays["bias"])
+    if kind == "identity":
+        return PCAProjection.identity(int(arrays["dim"]))
+    return PCAProjection(arrays["components"].shape[1], arrays["components"].shape[0], mean=arrays["mean"],
+                         components=arrays["components"], explained_variance_ratio=arrays["explained_variance_ratio"])
+
+
+def save_memory(path: str | Path, store: LatentMemory, key_map: Any, value_map: PCAProjection,
+                confidence: Calibrator, probe: ExitProbe | None, report: dict[str, Any]) -> None:
+    """Maps first, then the store, whose meta file (written last) records the maps' checksums."""
+    path = Path(path)
+    store.info = {
+        "key_map_sha256": _write_npz_atomic(path.with_name(path.name + KEY_MAP_SUFFIX), **_map_arrays(key_map)),
+        "value_map_sha256": _write_npz_atomic(path.with_name(path.name + VALUE_MAP_SUFFIX), **_map_arrays(value_map)),
+        "confidence": confidence.to_dict(),
+        "probe": probe.to_dict() if probe is not None else None,
+        "build": report,
+    }
+    store.save(path)
+
+
+def load_memory(path: str | Path, fingerprint: str | None = None) -> MemoryParts:
+    """Load a memory and its maps; every disagreement is a :class:`MemoryFileError` naming the file."""
+    path = Path(path)
+    store = LatentMemory.load(path, expected_fingerprint=fingerprint)
+    info = store.info
+    for key in ("key_map_sha256", "value_map_sha256", "confidence"):
+        if key not in info:
+            raise MemoryFileError(f"{path}: the memory's metadata lacks '{key}' (not written by nbs memory build)")
+    key_map = _map_from_arrays(_read_npz(path.with_name(path.name + KEY_MAP_SUFFIX), info["key_map_sha256"]))
+    value_map = _map_from_arrays(_read_npz(path.with_name(path.name + VALUE_MAP_SUFFIX), info["value_map_sha256"]))
+    probe = ExitProbe.from_dict(info["probe"]) if info.get("probe") else None
+    return MemoryParts(store=store, key_map=_as_function(key_map), value_inverse=value_map.inverse_transform,
+                       confidence=Calibrator.from_dict(info["confidence"]), probe=probe)
+
+
+def _as_function(key_map: Any):
+    return key_map if isinstance(key_map, LinearKeyMap) else key_map.transform
+
+
+def build_memory(
+    model: Coconut,
+    tokenizer,
+    examples: Sequence[Example],
+    tokenized: Sequence[TokenizedExample],
+    spec: CurriculumSpec,
+    config: Config,
+    collate,
+    context: DistributedContext,
+    *,
+    lockstep: bool = False,
+    epoch: int = 0,
+    key_head: LinearKeyMap | None = None,
+) -> BuildResult:
+    """Build the memory from ``examples`` (training data), save it at ``config.index.path``, load it back.
+
+    Args:
+        model: the unwrapped Coconut model (all ranks call this; generation is sharded).
+        key_head: a learned key map (contrastive training); otherwise PCA to ``retrieval.key_dim``.
+    """
+    started = time.perf_counter()
+    retrieval = config.retrieval
+    path = Path(config.index.path)
+    stage = config.max_latent_stage + 1
+    order = np.random.default_rng(config.seed).permutation(len(tokenized))
+    if retrieval.build_limit is not None:
+        order = order[: retrieval.build_limit]
+    chosen = [tokenized[i] for i in sorted(order)]
+    prompts = prompt_view(chosen, stage, spec)
+    max_thoughts = max(f["input_ids"].count(spec.latent_id) for f in prompts)
+    if max_thoughts == 0:
+        raise ValueError("the memory stores thought trajectories, but the final stage has no thoughts "
+                         "(max_latent_stage * c_thought is 0)")
+    batch_size = retrieval.build_batch_size
+    generate = lambda features, keep: evaluate_generation(
+        model, tokenizer, examples, features, collate, batch_size=batch_size,
+        max_new_tokens=config.resolved_max_new_tokens, context=context, lockstep=lockstep, keep_thoughts=keep)
+    full = generate(prompts, True).predictions
+    shorter = [generate([with_thoughts(f, j, spec.latent_id) for f in prompts], False).predictions
+               for j in range(1, max_thoughts)]
+
+    fingerprint = model_fingerprint(model)
+    if context.is_main:
+        _fit_and_save(full, shorter, max_thoughts, config, fingerprint, epoch, key_head, path,
+                      hidden_size=model.base_causallm.config.hidden_size)
+    context.barrier()
+    parts = load_memory(path, fingerprint)
+    report = parts.store.info.get("build", {})
+    report = {**report, "seconds": time.perf_counter() - started}
+    return BuildResult(parts=parts, report=report)
+
+
+def _fit_and_save(full: list[dict], shorter: list[list[dict]], steps: int, config: Config, fingerprint: str,
+                  epoch: int, key_head: LinearKeyMap | None, path: Path, hidden_size: int) -> dict[str, Any]:
+    retrieval, nudge = config.retrieval, config.nudge
+    by_idx = {r["idx"]: r for r in full}
+    shorter_correct = [{p["idx"]: p["correct"] for p in preds} for preds in shorter]  # j = 1..T-1: idx -> right
+    # idx -> [right with 1, 2, ..., n thoughts] (the last entry is the full-length answer)
+    correct_at = {i: [per_j[i] for per_j in shorter_correct][: len(by_idx[i]["thoughts"]) - 1] + [by_idx[i]["correct"]]
+                  for i in by_idx}
+    indices = sorted(by_idx)
+    rng = np.random.default_rng(config.seed + 1)
+    held_out = set(rng.choice(indices, size=max(1, int(round(len(indices) * retrieval.calibration_fraction))),
+                              replace=False).tolist()) if len(indices) > 1 else set()
+    fit_indices = [i for i in indices if i not in held_out]
+    held_indices = [i for i in indices if i in held_out]
+
+    def thoughts_of(i: int) -> np.ndarray:
+        return by_idx[i]["thoughts"]  # (n, D)
+
+    def exit_step(i: int) -> int:
+        """The fewest thoughts (>= 1) after which the answer is right; n if none."""
+        return next((j + 1 for j, ok in enumerate(correct_at[i]) if ok), len(thoughts_of(i)))
+
+    anchors = np.stack([thoughts_of(i)[0] for i in fit_indices])  # (N, D)
+    if key_head is not None:
+        key_map: Any = key_head
+    else:
+        key_map = PCAProjection.fit(anchors, retrieval.key_dim if retrieval.key_dim and retrieval.key_dim < hidden_size else None)
+    key_fn = _as_function(key_map)
+    all_thoughts = np.concatenate([thoughts_of(i) for i in fit_indices])  # (sum n, D)
+    value_dim = retrieval.value_dim if retrieval.value_dim and retrieval.value_dim < hidden_size else None
+    value_map = PCAProjection.fit(all_thoughts, value_dim)
+
+    def keys_of(indices_: list[int]) -> np.ndarray:
+        keys = key_fn(np.stack([thoughts_of(i)[0] for i in indices_]))
+        if retrieval.normalize_keys:
+            keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+        return keys.astype(np.float32)
+
+    stored = [i for i in fit_indices if by_idx[i]["correct"] or not retrieval.correct_only]
+    value_size = value_map.transform(all_thoughts[:1]).shape[1]
+    store = LatentMemory(key_dim=keys_of(fit_indices[:1]).shape[1], steps=steps, value_dim=value_size,
+                         metric=retrieval.metric, fingerprint=fingerprint)
+    if stored:
+        values = np.zeros((len(stored), steps, value_size), dtype=np.float32)
+        for row, i in enumerate(stored):
+            trajectory = thoughts_of(i)
+            values[row, : len(trajectory)] = value_map.transform(trajectory)
+        metadata = [{"example": int(i), "correct": bool(by_idx[i]["correct"]), "exit_step": exit_step(i),
+                     "thoughts": int(len(thoughts_of(i))), "added_epoch": int(epoch), "retrieved": 0} for i in stored]
+        store.add(keys_of(stored), values, metadata, dedup_threshold=retrieval.dedup_threshold)
+
+    confidence = make_calibrator(nudge.calibration)
+    if held_indices and len(store):
+        sims, ids = store.search(keys_of(held_indices), 1)
+        best = sims[:, 0]
+        finite = np.isfinite(best)
+        confidence.fit(best[finite], np.array([by_idx[i]["correct"] for i in held_indices])[finite])
+    else:
+        confidence.fit(np.zeros(0), np.zeros(0))
+
+    probe = None
+    features, labels, held_features, held_labels = [], [], [], []
+    for i in indices:
+        trajectory = thoughts_of(i)
+        target_f, target_l = (held_features, held_labels) if i in held_out else (features, labels)
+        for j in range(len(trajectory)):  # thought j, if it were the last: right after j + 1 thoughts?
+            target_f.append(trajectory[j])
+            target_l.append(float(correct_at[i][j]))
+    if features and held_features:
+        probe = fit_exit_probe(np.stack(features), np.array(labels), np.stack(held_features), np.array(held_labels),
+                               calibration="platt" if nudge.calibration == "none" else nudge.calibration)
+
+    report = {
+        "epoch": int(epoch), "examples": len(indices), "held_out": len(held_indices),
+        "fit_accuracy": float(np.mean([by_idx[i]["correct"] for i in fit_indices])) if fit_indices else 0.0,
+        "entries": len(store), "skipped_duplicates": len(stored) - len(store), "steps": steps,
+        "key_dim": store.key_dim, "value_dim": store.value_dim,
+        "value_retained_variance": float(value_map.retained_variance),
+        "mean_exit_step": float(np.mean([exit_step(i) for i in indices])),
+    }
+    save_memory(path, store, key_map, value_map, confidence, probe, report)
+    return report
