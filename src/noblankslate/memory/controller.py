@@ -56,7 +56,6 @@ class BatchRecord:
     nudges: np.ndarray
     clipped: np.ndarray
     neighbor_ids: np.ndarray  # (B, k), -1 where no hit
-    seconds: float = 0.0
 
     def rows(self) -> list[dict]:
         """One JSON-ready dict per row."""
@@ -97,6 +96,8 @@ class MemoryController:
         self.nudge_enabled = nudge_enabled and nudge.alpha_max > 0
         self.exit_enabled = exit_enabled and nudge.exit_threshold is not None
         self.record: BatchRecord | None = None
+        self.seconds = 0.0
+        """Time spent in the controller (search, nudge, exit scores), over all calls."""
         # per-entry metadata as arrays aligned with the store's ids, so a batch's lookups are vectorised
         store = parts.store
         self._ids = store.ids
@@ -175,7 +176,7 @@ class MemoryController:
         fed = thought
         if self.nudge_enabled and step < self._targets.shape[1]:
             fed = self._nudged(step, thought, thinking)
-        self.record.seconds += time.perf_counter() - started
+        self.seconds += time.perf_counter() - started
         return fed, last
 
     def _nudged(self, step: int, thought: Tensor, rows: Tensor) -> Tensor:

@@ -41,6 +41,9 @@ from noblankslate.data.curriculum import (
 from noblankslate.data.schema import Example, load_examples
 from noblankslate.data.tokenize import TokenizedExample, tokenize_examples
 from noblankslate.eval.evaluate import GenerationEval, evaluate_generation, validation_loss
+from noblankslate.memory.builder import build_memory
+from noblankslate.memory.controller import MemoryController
+from noblankslate.memory.metrics import METRICS_FILE, retrieval_metrics
 from noblankslate.model.build import build_model, build_tokenizer, uses_latent_tokens
 from noblankslate.train.checkpoint import (
     capture_rng_state,
@@ -82,6 +85,7 @@ class EpochResult:
     val_loss: float | None
     evaluation: GenerationEval
     seconds: float
+    retrieval: dict | None = None
 
 
 def load_run_data(config: Config) -> tuple[list[Example], list[Example]]:
@@ -95,6 +99,19 @@ def load_run_data(config: Config) -> tuple[list[Example], list[Example]]:
             raise ValueError("train_path is not set (needed unless only_eval: true)")
         train = load_examples(config.train_path, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
     return train, val
+
+
+def load_memory_data(config: Config, train: list[Example]) -> list[Example]:
+    """The examples the memory is built from: ``retrieval.build_from`` or the training set, never the
+    evaluated file."""
+    source = config.retrieval.build_from or config.train_path
+    if source is None:
+        raise ValueError("retrieval.enabled needs training data to build the memory from (retrieval.build_from or train_path)")
+    if Path(source).resolve() == Path(config.val_path).resolve():
+        raise ValueError(f"the memory would be built from {source}, the data being evaluated; use training data")
+    if source == config.train_path and train:
+        return train
+    return load_examples(source, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
 
 
 def epoch_order(n: int, seed: int, epoch: int, context: DistributedContext) -> list[int]:
@@ -135,6 +152,7 @@ class Trainer:
         self.global_step = 0
 
         train, val = load_run_data(config)
+        memory_examples = load_memory_data(config, train) if config.retrieval.enabled else []
         build_config = config
         if resume_from is not None:
             print0(f"found {resume_from}: resuming from it (the config's resume={config.resume} is ignored)")
@@ -147,6 +165,9 @@ class Trainer:
         self.latent_ids = built.latent_ids
         self.spec = CurriculumSpec.from_config(config, built.latent_ids)
         self.data = RunData(train, val, tokenize_examples(train, tokenizer) if train else [], tokenize_examples(val, tokenizer))
+        self.memory_examples = memory_examples
+        self.memory_tokens = (self.data.train_tokens if memory_examples is train
+                              else tokenize_examples(memory_examples, tokenizer) if memory_examples else [])
         self.collate = LatentCollator(pad_token_id=tokenizer.pad_token_id, latent_id=built.latent_ids.latent_id)
         self.parallel: ParallelModel = wrap_model(built.model, config, context)
         self.optimizer = self._new_optimizer()
@@ -228,15 +249,58 @@ class Trainer:
                 val_loss = validation_loss(self.parallel.wrapped, features, self.collate,
                                            batch_size=self.config.batch_size_training, context=self.context,
                                            latent_passes=self._latent_passes)
+        started = time.perf_counter()
+        evaluation = self._generate(stage)
+        self.generation_seconds = time.perf_counter() - started
+        return val_loss, evaluation
+
+    def _generate(self, stage: int, controller=None) -> GenerationEval:
         prompts = prompt_view(self.data.val_tokens, stage, self.spec)
         with self.parallel.gathered() as model, autocast(self.config, self.context, self.parallel.kind):
-            evaluation = evaluate_generation(
+            return evaluate_generation(
                 model, self.tokenizer, self.data.val, prompts, self.collate,
                 batch_size=self.config.batch_size_eval or self.config.batch_size_training,
                 max_new_tokens=self.config.resolved_max_new_tokens, context=self.context,
-                lockstep=self.parallel.lockstep,
+                lockstep=self.parallel.lockstep, controller=controller,
             )
-        return val_loss, evaluation
+
+    def memory_epoch(self, epoch: int, stage: int, off: GenerationEval) -> dict | None:
+        """Rebuild the memory from training data with this epoch's model, then evaluate with it, paired
+        with the plain evaluation ``off``, and write ``retrieval_metrics_epoch_{E}.json``."""
+        config = self.config
+        with self.parallel.gathered() as model, autocast(config, self.context, self.parallel.kind):
+            built = build_memory(model, self.tokenizer, self.memory_examples, self.memory_tokens, self.spec, config,
+                                 self.collate, self.context, lockstep=self.parallel.lockstep, epoch=epoch + 1)
+        seconds = {"off": self.generation_seconds}
+        evaluations = {}
+        memory_seconds = 0.0
+        for name, exit_enabled in (("full", False), ("on", True)):
+            controller = MemoryController(built.parts, config.retrieval, config.nudge, exit_enabled=exit_enabled)
+            started = time.perf_counter()
+            evaluations[name] = self._generate(stage, controller=controller)
+            seconds[name] = time.perf_counter() - started
+            memory_seconds = controller.seconds if name == "on" else memory_seconds
+        seconds["memory"] = memory_seconds
+        seconds["build"] = built.report.get("seconds", 0.0)
+        if not self.context.is_main:
+            return None
+        metrics = retrieval_metrics(off, evaluations["full"], evaluations["on"],
+                                    {**built.parts.store.stats(), "bytes_per_entry": built.parts.store.bytes_per_entry(),
+                                     "path": config.index.path, "build": built.report},
+                                    seconds, epoch + 1, stage)
+        if not config.debug:
+            _write_json_atomic(self.run_dir / METRICS_FILE.format(epoch=epoch + 1), metrics)
+        self.tracker.log({"event": "retrieval", "epoch": epoch + 1,
+                          "accuracy_with_retrieval": metrics["accuracy"]["with_retrieval"],
+                          "mean_forward_passes_with_exit": metrics["exit"]["mean_forward_passes_with_exit"],
+                          "ece": metrics["calibration"]["ece"], "brier": metrics["calibration"]["brier"],
+                          "index_entries": metrics["index"]["entries"]})
+        a, e = metrics["accuracy"], metrics["exit"]
+        print0(f"memory (epoch {epoch + 1}): {metrics['index']['entries']} entries, accuracy {a['without_retrieval']:.4f} -> "
+               f"{a['with_retrieval']:.4f}, passes {e['mean_forward_passes_without_exit']:.2f} -> "
+               f"{e['mean_forward_passes_with_exit']:.2f}, false exits {e['false_exits']}, "
+               f"ECE {metrics['calibration']['ece']:.3f}")
+        return metrics
 
     def _write_predictions(self, epoch: int, evaluation: GenerationEval) -> None:
         if not self.context.is_main or self.config.debug:
@@ -277,6 +341,8 @@ class Trainer:
             result = EpochResult(epoch + 1, stage, train_loss, val_loss, evaluation, time.perf_counter() - started)
             results.append(result)
             self._report(result)
+            if config.retrieval.enabled:
+                result.retrieval = self.memory_epoch(epoch, stage, evaluation)
             self._write_predictions(epoch, evaluation)
             improved = evaluation.accuracy > self.best_accuracy
             self.best_accuracy = max(self.best_accuracy, evaluation.accuracy)
@@ -299,6 +365,13 @@ class Trainer:
         loss = "" if result.train_loss is None else f"train loss {result.train_loss:.4f}  val loss {result.val_loss:.4f}  "
         print0(f"epoch {result.epoch} (stage {result.stage}): {loss}accuracy {e.correct}/{e.total} = {e.accuracy:.4f}  "
                f"CoT match {e.cot_match:.4f}  tokens {e.mean_generated_tokens:.1f}  passes {e.mean_forward_passes:.1f}")
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    temporary.replace(path)
 
 
 def summary_table(results: Sequence[EpochResult], variant: str) -> str:
