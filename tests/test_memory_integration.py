@@ -1,0 +1,162 @@
+"""The memory with a model: retrieval off = plain Coconut, controller batched = alone, builder, metrics,
+report, and the training loop's per-epoch files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from model_helpers import EOS, LATENT, MODEL_FACTORIES, wrap
+from test_generate import pad, prompt
+from test_training import CPU, tiny_config, tiny_data  # noqa: F401  (fixture)
+
+from noblankslate.config import NudgeConfig, RetrievalConfig, config_from_dict
+from noblankslate.eval.evaluate import GenerationEval
+from noblankslate.memory.builder import load_memory
+from noblankslate.memory.calibration import make_calibrator
+from noblankslate.memory.controller import MemoryController, MemoryParts
+from noblankslate.memory.metrics import retrieval_metrics
+from noblankslate.memory.report import build_report, find_metrics, format_report
+from noblankslate.memory.store import LatentMemory, MemoryFileError
+from noblankslate.train.loop import load_memory_data, train
+from noblankslate.train.track import read_metrics
+
+ROWS = [(7, 3), (12, 0), (4, 1), (9, 2), (5, 3), (6, 3)]
+
+
+def synthetic_parts(model, rows, steps=3, seed=0) -> MemoryParts:
+    """A memory whose entries are the model's own trajectories of random prompts (plus noise)."""
+    rng = random.Random(seed)
+    stored = [prompt(rng, 6, steps) for _ in range(12)]
+    out = model.generate(*pad(stored, "left"), max_new_tokens=1, return_thoughts=True)
+    thoughts = out.thoughts.numpy() + np.random.default_rng(seed).normal(0, 0.05, out.thoughts.shape).astype(np.float32)
+    store = LatentMemory(key_dim=thoughts.shape[-1], steps=steps, value_dim=thoughts.shape[-1], metric="cosine",
+                         fingerprint="test", value_dtype="float32")
+    store.add(thoughts[:, 0], thoughts, [{"exit_step": 1 + i % steps, "thoughts": steps} for i in range(len(stored))])
+    confidence = make_calibrator("platt").fit(np.linspace(0, 1, 20), np.arange(20) % 3 > 0)
+    return MemoryParts(store=store, key_map=lambda x: x, value_inverse=lambda x: x, confidence=confidence)
+
+
+@pytest.fixture(scope="module")
+def model_and_rows():
+    rng = random.Random(5)
+    return wrap(MODEL_FACTORIES["llama"]()), [prompt(rng, q, n) for q, n in ROWS]
+
+
+def test_zero_alpha_and_no_exit_is_plain_coconut(model_and_rows):
+    model, rows = model_and_rows
+    parts = synthetic_parts(model, rows)
+    controller = MemoryController(parts, RetrievalConfig(sim_threshold=-1.0), NudgeConfig(alpha_max=0.0, exit_threshold=None))
+    ids, mask = pad(rows, "right")
+    plain, with_memory = model.generate(ids, mask, max_new_tokens=8), model.generate(ids, mask, max_new_tokens=8, controller=controller)
+    assert with_memory.sequences() == plain.sequences()
+    assert with_memory.forward_passes.tolist() == plain.forward_passes.tolist()
+    assert controller.record.hit.all()  # it did search: every row had a neighbour
+
+
+@pytest.mark.parametrize("metric, threshold", [("neighbors", 0.1), ("stability", 0.2)])
+def test_memory_controller_batched_equals_each_row_alone(model_and_rows, metric, threshold):
+    model, rows = model_and_rows
+    parts = synthetic_parts(model, rows)
+    settings = (RetrievalConfig(k=3, sim_threshold=-1.0), NudgeConfig(alpha_max=0.5, clip_radius=2.0, exit_threshold=threshold,
+                                                                       exit_metric=metric, calibration="platt"))
+    ids, mask = pad(rows, "left")
+    batched = model.generate(ids, mask, max_new_tokens=8, controller=MemoryController(parts, *settings))
+    assert (batched.thoughts_used < batched.latent_counts).any(), "some row should exit early"
+    assert batched.sequences() != model.generate(ids, mask, max_new_tokens=8).sequences()
+    for b, row in enumerate(rows):
+        alone = model.generate(torch.tensor([row]), max_new_tokens=8, controller=MemoryController(parts, *settings))
+        assert batched.sequences()[b] == alone.sequences()[0], f"row {b}"
+        assert batched.thoughts_used[b] == alone.thoughts_used[0]
+        assert batched.forward_passes[b] == alone.forward_passes[0]
+
+
+def test_nudge_moves_toward_the_target_and_respects_clip_and_norm(model_and_rows):
+    model, rows = model_and_rows
+    parts = synthetic_parts(model, rows)
+    controller = MemoryController(parts, RetrievalConfig(k=2, sim_threshold=-1.0),
+                                  NudgeConfig(alpha_max=1.0, clip_radius=0.05, match_norm=True, calibration="none"))
+    thought = torch.randn(len(rows), 32)
+    controller._retrieve(thought)
+    controller.nudge = dataclasses.replace(controller.nudge)
+    fed, last = controller(1, thought, torch.ones(len(rows), dtype=torch.bool))
+    assert not last.any()
+    torch.testing.assert_close(fed.norm(dim=-1), thought.norm(dim=-1))  # match_norm
+    step = (fed - thought).norm(dim=-1)
+    assert (step <= 0.05 * 1.5).all() and (step > 0).all()  # clipped before the norm rescale
+    assert controller.record.clipped.sum() == len(rows)
+    target = controller._targets[:, 1]
+    assert ((fed - target).norm(dim=-1) < (thought - target).norm(dim=-1)).all()
+
+
+def _eval(records):
+    return GenerationEval(correct=0, cot_correct=0, total=len(records), generated_tokens=0, forward_passes=0, predictions=records)
+
+
+def test_paired_metrics_count_flips_and_false_exits_exactly():
+    def rec(i, correct, passes, used=3, memory=None):
+        return {"idx": i, "correct": correct, "forward_passes": passes, "thoughts_used": used, "latent_count": 3,
+                "memory": memory}
+    mem = lambda hit, c: {"hit": hit, "best_similarity": 0.9 if hit else float("nan"), "confidence": c, "alpha": 0.3 * c,
+                          "mean_nudge_norm": 0.5 if hit else 0.0, "nudged_steps": 3 if hit else 0, "clipped_steps": 1 if hit else 0}
+    off = _eval([rec(0, True, 10), rec(1, False, 10), rec(2, True, 10), rec(3, False, 10)])
+    full = _eval([rec(0, True, 10), rec(1, True, 10), rec(2, True, 10), rec(3, False, 10)])
+    on = _eval([rec(0, False, 8, 1, mem(True, 0.8)), rec(1, True, 10, 3, mem(True, 0.9)),
+                rec(2, True, 9, 2, mem(True, 0.7)), rec(3, False, 10, 3, mem(False, 0.0))])
+    m = retrieval_metrics(off, full, on, {"entries": 5}, {"off": 1.0, "full": 1.1, "on": 1.2, "memory": 0.4}, 1, 2)
+    assert m["accuracy"]["without_retrieval"] == 0.5 and m["accuracy"]["with_retrieval"] == 0.5
+    assert (m["accuracy"]["flips_wrong_to_right"], m["accuracy"]["flips_right_to_wrong"]) == (1, 1)
+    assert m["retrieval"]["hit_rate"] == 0.75
+    assert m["exit"]["exit_rate"] == 0.5 and m["exit"]["false_exits"] == 1  # row 0 exited and lost its answer
+    assert m["exit"]["mean_forward_passes_with_exit"] == 9.25 and m["exit"]["compute_saved"] == pytest.approx(0.075)
+    assert m["nudge"]["clip_rate"] == pytest.approx(3 / 9)
+    assert m["calibration"]["brier"] == pytest.approx(((0.8 - 0) ** 2 + (0.9 - 1) ** 2 + (0.7 - 1) ** 2 + 0) / 4)
+    assert m["time"]["memory_overhead_per_example"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="same items"):
+        retrieval_metrics(off, full, _eval(on.predictions[:3]), {}, {}, 1, 2)
+
+
+def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path, tiny_data):  # noqa: F811
+    index = tmp_path / "index" / "faiss_index.bin"
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=2, retrieval={"enabled": True, "correct_only": False, "key_dim": 8},
+                      nudge={"exit_threshold": 0.5, "exit_metric": "stability", "calibration": "isotonic"},
+                      index={"path": str(index)})
+    results = train(config_from_dict(raw), CPU)
+    run_dir = tmp_path / "runs" / "tiny"
+    for epoch in (1, 2):
+        m = json.loads((run_dir / f"retrieval_metrics_epoch_{epoch}.json").read_text())
+        assert m["epoch"] == epoch and m["items"] == 12
+        assert m["accuracy"]["without_retrieval"] == results[epoch - 1].evaluation.accuracy
+        assert set(m) >= {"accuracy", "retrieval", "nudge", "exit", "calibration", "index", "time"}
+    parts = load_memory(index)
+    assert parts.store.info["build"]["epoch"] == 2  # rebuilt at the end of the last epoch
+    assert {m["added_epoch"] for m in (parts.store.metadata_of(int(i)) for i in parts.store.ids)} == {2}
+    assert [r["epoch"] for r in read_metrics(run_dir) if r["event"] == "retrieval"] == [1, 2]
+    with pytest.raises(MemoryFileError, match="fingerprint"):
+        load_memory(index, fingerprint="another model")
+    report = build_report(index)  # metrics are in the run folder, not next to the index
+    assert report["epochs"] == [] and report["stats"]["entries"] == len(parts.store)
+    report = build_report(index, run_dir)
+    assert [e["epoch"] for e in report["epochs"]] == [1, 2] and "per epoch" in format_report(report)
+    assert find_metrics(index, None)[0] is None
+
+
+def test_retrieval_disabled_is_exactly_plain_coconut(tmp_path, tiny_data):  # noqa: F811
+    plain = train(config_from_dict(tiny_config(tmp_path, tiny_data, num_epochs=2, name="plain")), CPU)
+    off = train(config_from_dict(tiny_config(tmp_path, tiny_data, num_epochs=2, name="off",
+                                             retrieval={"enabled": False, "k": 9}, nudge={"alpha_max": 0.9})), CPU)
+    for a, b in zip(plain, off):
+        assert a.train_loss == b.train_loss and a.val_loss == b.val_loss
+        assert [p["output"] for p in a.evaluation.predictions] == [p["output"] for p in b.evaluation.predictions]
+    assert not list((tmp_path / "runs" / "off").glob("retrieval_metrics_*"))
+
+
+def test_the_memory_is_never_built_from_the_evaluated_data(tmp_path, tiny_data):  # noqa: F811
+    config = config_from_dict(tiny_config(tmp_path, tiny_data, retrieval={"enabled": True, "build_from": str(tiny_data[1])}))
+    with pytest.raises(ValueError, match="the data being evaluated"):
+        load_memory_data(config, [])
