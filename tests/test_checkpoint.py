@@ -247,3 +247,17 @@ def test_state_json_records_epoch(tmp_path):
     folder = save(tmp_path, 6, train_state={"global_step": 60})
     state = json.loads((folder / "state.json").read_text())
     assert state["epoch"] == 6 and state["train_state"] == {"global_step": 60}
+
+
+def test_extra_states_round_trip_beside_the_model(tmp_path):
+    from noblankslate.config import Config
+
+    heads = {"key.weight": torch.randn(4, 8), "key.bias": torch.randn(4)}
+    save_checkpoint(tmp_path, 1, model_state={"w": torch.ones(2)}, optimizer_state=None, rng_state=None,
+                    train_state={}, config=Config(coconut=True), extra_states={"nudge_heads": heads})
+    data = load_checkpoint(tmp_path / "checkpoint_1")
+    assert set(data.model_state) == {"w"}
+    assert torch.equal(data.extra_states["nudge_heads"]["key.weight"], heads["key.weight"])
+    with pytest.raises(CheckpointError, match="extra state name"):
+        save_checkpoint(tmp_path, 2, model_state={"w": torch.ones(2)}, optimizer_state=None, rng_state=None,
+                        train_state={}, config=Config(coconut=True), extra_states={"model": heads})

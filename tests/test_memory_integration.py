@@ -160,3 +160,27 @@ def test_the_memory_is_never_built_from_the_evaluated_data(tmp_path, tiny_data):
     config = config_from_dict(tiny_config(tmp_path, tiny_data, retrieval={"enabled": True, "build_from": str(tiny_data[1])}))
     with pytest.raises(ValueError, match="the data being evaluated"):
         load_memory_data(config, [])
+
+
+def test_contrastive_training_logs_saves_resumes_and_keys_the_memory(tmp_path, tiny_data):  # noqa: F811
+    index = tmp_path / "index.bin"
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=2, retrieval={"enabled": True, "correct_only": False, "key_dim": 6},
+                      training={"nudge_contrastive": True, "nudge_buffer_batch": 4, "retrieval_buffer_limit": 16},
+                      index={"path": str(index)})
+    train(config_from_dict(raw), CPU)
+    run_dir = tmp_path / "runs" / "tiny"
+    steps = [r for r in read_metrics(run_dir) if r["event"] == "step"]
+    assert all("contrastive_loss" not in r for r in steps if r["stage"] == 0)  # stage 0 has no thoughts
+    assert all(r["contrastive_loss"] > 0 for r in steps if r["stage"] == 1)
+    from noblankslate.train.checkpoint import load_checkpoint
+
+    heads = load_checkpoint(run_dir / "checkpoint_2").extra_states["nudge_heads"]
+    assert heads["key.weight"].shape == (6, 32)
+    parts = load_memory(index)
+    assert parts.store.key_dim == 6
+    anchor = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
+    expected = anchor @ heads["key.weight"].numpy().T + heads["key.bias"].numpy()
+    np.testing.assert_allclose(parts.key_map(anchor), expected, rtol=1e-5, atol=1e-6)  # the learned key map
+    # a third epoch resumes with the saved heads
+    train(config_from_dict({**raw, "num_epochs": 3}), CPU)
+    assert [r["epoch"] for r in read_metrics(run_dir) if r["event"] == "epoch"] == [1, 2, 3]

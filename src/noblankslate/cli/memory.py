@@ -32,7 +32,8 @@ def build(config_path: str, overrides: list[str]) -> int:
             return 2
         with trainer.parallel.gathered() as model:
             built = build_memory(model, trainer.tokenizer, trainer.memory_examples, trainer.memory_tokens, trainer.spec,
-                                 config, trainer.collate, context, lockstep=trainer.parallel.lockstep)
+                                 config, trainer.collate, context, lockstep=trainer.parallel.lockstep,
+                                 key_head=trainer.key_head())
         print0(f"memory written to {config.index.path}")
         print0(json.dumps(built.report, indent=1))
     return 0

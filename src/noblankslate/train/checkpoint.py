@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,7 @@ class CheckpointData:
     train_state: dict[str, Any]
     config: dict[str, Any]
     tokenizer_dir: Path | None = None
+    extra_states: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -189,6 +190,7 @@ def save_checkpoint(
     train_state: dict[str, Any],
     config: Config,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    extra_states: dict[str, dict[str, Tensor]] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint_{epoch}`` atomically (see the module docstring).
 
@@ -204,6 +206,8 @@ def save_checkpoint(
         train_state: JSON-serialisable counters (stage, global step, best accuracy, wall time, ...).
         config: the resolved run config.
         tokenizer: saved to ``tokenizer/`` when given.
+        extra_states: more tensors saved beside the model as ``{name}.safetensors`` (e.g. the memory's
+            contrastive projection heads), so the model file keeps the original's keys.
 
     Returns:
         The checkpoint folder.
@@ -232,6 +236,10 @@ def save_checkpoint(
         config.save(tmp / CONFIG_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        for name, tensors in (extra_states or {}).items():
+            if not re.fullmatch(r"[a-z_]+", name) or name == MODEL_FILE.split(".")[0]:
+                raise CheckpointError(f"extra state name {name!r}: use lower-case letters and '_', not 'model'")
+            save_state_dict(tensors, tmp / f"{name}.safetensors")
         (tmp / STATE_FILE).write_text(state_text, encoding="utf-8")
         complete = {"format_version": FORMAT_VERSION, "epoch": epoch, "files": _file_sizes(tmp)}
         (tmp / COMPLETE_FILE).write_text(json.dumps(complete, indent=2), encoding="utf-8")
@@ -321,6 +329,13 @@ def load_checkpoint(path: str | Path) -> CheckpointData:
     if match is not None and epoch != int(match.group(1)):
         raise CheckpointError(f"{path}: {STATE_FILE} says epoch {epoch}, the folder name {match.group(1)}")
     tokenizer_dir = path / TOKENIZER_DIR
+    extra = {}
+    for name in sizes:
+        if name.endswith(".safetensors") and name != MODEL_FILE:
+            try:
+                extra[name.removesuffix(".safetensors")] = read_state_dict(path / name)
+            except WeightsError as error:
+                raise CheckpointError(str(error)) from None
     return CheckpointData(
         path=path,
         epoch=epoch,
@@ -330,4 +345,5 @@ def load_checkpoint(path: str | Path) -> CheckpointData:
         train_state=state["train_state"],
         config=config,
         tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+        extra_states=extra,
     )

@@ -55,6 +55,15 @@ class DistributedContext:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def average_gradients(self, module: torch.nn.Module) -> None:
+        """Average the gradients of a module that no DDP/FSDP wrapper synchronises."""
+        if not self.is_distributed:
+            return
+        for parameter in module.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+                parameter.grad /= self.world_size
+
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()

@@ -41,10 +41,12 @@ from noblankslate.data.curriculum import (
 from noblankslate.data.schema import Example, load_examples
 from noblankslate.data.tokenize import TokenizedExample, tokenize_examples
 from noblankslate.eval.evaluate import GenerationEval, evaluate_generation, validation_loss
-from noblankslate.memory.builder import build_memory
+from noblankslate.memory.builder import LinearKeyMap, build_memory
+from noblankslate.memory.contrastive import ContrastiveHeads, TrajectoryBuffer, info_nce, thoughts_of_batch
 from noblankslate.memory.controller import MemoryController
 from noblankslate.memory.metrics import METRICS_FILE, retrieval_metrics
 from noblankslate.model.build import build_model, build_tokenizer, uses_latent_tokens
+from noblankslate.model.weights import read_state_dict
 from noblankslate.train.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
@@ -170,6 +172,17 @@ class Trainer:
                               else tokenize_examples(memory_examples, tokenizer) if memory_examples else [])
         self.collate = LatentCollator(pad_token_id=tokenizer.pad_token_id, latent_id=built.latent_ids.latent_id)
         self.parallel: ParallelModel = wrap_model(built.model, config, context)
+        self.heads: ContrastiveHeads | None = None
+        if config.training.nudge_contrastive:
+            if not (config.coconut and built.model.feed_thoughts):
+                raise ValueError("training.nudge_contrastive needs coconut thoughts (not cot, pause or no_thoughts)")
+            hidden = built.model.base_causallm.config.hidden_size
+            torch.manual_seed(config.seed + 17)
+            self.heads = ContrastiveHeads(hidden, config.retrieval.key_dim or hidden).to(context.device)
+            self.buffer = TrajectoryBuffer(config.training.retrieval_buffer_limit, seed=config.seed)
+            saved_heads = Path(config.load_model_path or "") / "nudge_heads.safetensors"
+            if resume_from is None and config.load_model_path and saved_heads.is_file():
+                self.heads.load_state_dict(read_state_dict(saved_heads))
         self.optimizer = self._new_optimizer()
 
         if resume_from is not None:
@@ -181,13 +194,20 @@ class Trainer:
                 self.parallel.load_optimizer_state(self.optimizer, checkpoint.optimizer_state)
             if checkpoint.rng_state is not None:
                 restore_rng_state(checkpoint.rng_state)
+            if self.heads is not None:
+                if "nudge_heads" not in checkpoint.extra_states:
+                    raise ValueError(f"{resume_from}: training.nudge_contrastive is on but the checkpoint has no nudge_heads")
+                self.heads.load_state_dict(checkpoint.extra_states["nudge_heads"])
         if context.is_main and self.saving:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
         self.tracker = Tracker(self.run_dir, config, active=context.is_main and not config.debug)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parallel.wrapped.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        parameters = list(self.parallel.wrapped.parameters())
+        if self.heads is not None:
+            parameters += list(self.heads.parameters())
+        return torch.optim.AdamW(parameters, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def _latent_passes(self, batch: dict[str, torch.Tensor]) -> int | None:
         """Under FSDP, the largest latent count over all ranks, so every rank runs the same passes."""
@@ -195,10 +215,22 @@ class Trainer:
             return None
         return self.context.all_reduce_max(_latent_count(batch, self.latent_ids.latent_id))
 
-    def _forward_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM loss summed over labelled tokens, and the contrastive loss (mean over rows) if on."""
         with autocast(self.config, self.context, self.parallel.kind):
             out = self.parallel.wrapped(**batch, return_logits=False, reduction="sum", latent_passes=self._latent_passes(batch))
-        return out.loss
+            contrastive = self._contrastive(out.inputs_embeds, batch["input_ids"]) if self.heads is not None else None
+        return out.loss, contrastive
+
+    def _contrastive(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
+        found = thoughts_of_batch(inputs_embeds, input_ids, self.latent_ids.latent_id)
+        if found is None or len(found[0]) < 2:
+            return None
+        keys, trajectories = self.heads(*found)
+        training = self.config.training
+        loss = info_nce(keys, trajectories, self.buffer.sample(training.nudge_buffer_batch), training.contrastive_temperature)
+        self.buffer.push(trajectories)
+        return loss
 
     def _micro_batches(self, view: list[Features], epoch: int) -> list[list[Features]]:
         order = epoch_order(len(view), self.config.seed, epoch, self.context)
@@ -220,14 +252,20 @@ class Trainer:
         for group in groups:
             batches = [{k: v.to(device) for k, v in self.collate(f).items() if k != "idx"} for f in group]
             tokens = float(self.context.all_reduce_sum([sum(_labelled_tokens(b) for b in batches)])[0])
-            step_loss = 0.0
+            step_loss, step_contrastive = 0.0, []
             for j, batch in enumerate(batches):
                 with self.parallel.gradient_sync(j == len(batches) - 1):
-                    loss_sum = self._forward_sum(batch)
+                    loss_sum, contrastive = self._forward_sum(batch)
                     # DDP/FSDP average gradients over ranks; scaling by world_size / global tokens makes the
                     # result the gradient of the token-mean loss of the whole global batch.
-                    (loss_sum * (self.context.world_size / max(tokens, 1.0))).backward()
+                    loss = loss_sum * (self.context.world_size / max(tokens, 1.0))
+                    if contrastive is not None:
+                        loss = loss + self.config.training.nudge_contrastive_weight * contrastive / len(batches)
+                        step_contrastive.append(float(contrastive.detach()))
+                    loss.backward()
                 step_loss += float(loss_sum.detach())
+            if self.heads is not None:
+                self.context.average_gradients(self.heads)  # the heads are outside DDP/FSDP
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
@@ -236,8 +274,10 @@ class Trainer:
             loss_value = float(reduced[0] / reduced[1]) if reduced[1] else float("nan")
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{float(epoch_loss[1]) / (time.perf_counter() - started):.0f}")
-            self.tracker.log({"event": "step", "epoch": epoch + 1, "stage": stage, "step": self.global_step,
-                              "train_loss": loss_value})
+            record = {"event": "step", "epoch": epoch + 1, "stage": stage, "step": self.global_step, "train_loss": loss_value}
+            if step_contrastive:
+                record["contrastive_loss"] = sum(step_contrastive) / len(step_contrastive)
+            self.tracker.log(record)
         bar.close()
         return float(epoch_loss[0] / epoch_loss[1]) if epoch_loss[1] else float("nan")
 
@@ -264,13 +304,21 @@ class Trainer:
                 lockstep=self.parallel.lockstep, controller=controller,
             )
 
+    def key_head(self) -> LinearKeyMap | None:
+        """The learned key map of the contrastive heads, for the memory (None without them)."""
+        if self.heads is None:
+            return None
+        return LinearKeyMap(self.heads.key.weight.detach().float().cpu().numpy(),
+                            self.heads.key.bias.detach().float().cpu().numpy())
+
     def memory_epoch(self, epoch: int, stage: int, off: GenerationEval) -> dict | None:
         """Rebuild the memory from training data with this epoch's model, then evaluate with it, paired
         with the plain evaluation ``off``, and write ``retrieval_metrics_epoch_{E}.json``."""
         config = self.config
         with self.parallel.gathered() as model, autocast(config, self.context, self.parallel.kind):
             built = build_memory(model, self.tokenizer, self.memory_examples, self.memory_tokens, self.spec, config,
-                                 self.collate, self.context, lockstep=self.parallel.lockstep, epoch=epoch + 1)
+                                 self.collate, self.context, lockstep=self.parallel.lockstep, epoch=epoch + 1,
+                                 key_head=self.key_head())
         seconds = {"off": self.generation_seconds}
         evaluations = {}
         memory_seconds = 0.0
@@ -322,6 +370,8 @@ class Trainer:
                 train_state={"epoch": epoch + 1, "stage": stage, "global_step": self.global_step,
                              "best_accuracy": self.best_accuracy},
                 config=self.config, tokenizer=self.tokenizer,
+                extra_states={"nudge_heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}}
+                if self.heads is not None else None,
             )
         self.context.barrier()
 

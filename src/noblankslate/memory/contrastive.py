@@ -1,0 +1,76 @@
+"""Training-side adaptation: InfoNCE between an example's projected anchor and its projected trajectory.
+
+While Coconut trains, ``training.nudge_contrastive`` adds ``nudge_contrastive_weight x InfoNCE``: the key
+head's projection of the anchor must pick out the trajectory head's projection of the same example
+among the other examples of the batch and ``nudge_buffer_batch`` detached projections drawn from a
+buffer of the last ``retrieval_buffer_limit`` ones. It teaches the key space that neighbours have similar
+trajectories, which is what the nudge relies on. The heads are saved with the checkpoints
+(``nudge_heads.safetensors``) and the key head becomes the memory's key map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ContrastiveHeads(nn.Module):
+    """The key head (on the anchor) and the trajectory head (on the mean thought)."""
+
+    def __init__(self, hidden_size: int, dim: int):
+        super().__init__()
+        self.key = nn.Linear(hidden_size, dim)
+        self.trajectory = nn.Linear(hidden_size, dim)
+
+    def forward(self, anchors: Tensor, trajectories: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, D) anchors, (N, T, D) trajectories with (N,) valid steps -> two (N, dim) unit vectors."""
+        steps = torch.arange(trajectories.shape[1], device=counts.device)[None, :] < counts[:, None]  # (N, T)
+        mean = (trajectories * steps[..., None]).sum(dim=1) / counts[:, None].clamp_min(1)  # (N, D)
+        return F.normalize(self.key(anchors), dim=-1), F.normalize(self.trajectory(mean), dim=-1)
+
+
+class TrajectoryBuffer:
+    """The last ``limit`` detached trajectory projections, used as extra negatives."""
+
+    def __init__(self, limit: int, seed: int = 0):
+        self.limit = limit
+        self.items: Tensor | None = None  # (M, dim)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, count: int) -> Tensor | None:
+        if self.items is None or count == 0:
+            return None
+        chosen = torch.randperm(len(self.items), generator=self.generator)[:count]
+        return self.items[chosen.to(self.items.device)]
+
+    def push(self, projections: Tensor) -> None:
+        if self.limit == 0:
+            return
+        new = projections.detach()
+        self.items = new if self.items is None else torch.cat([self.items, new])
+        self.items = self.items[-self.limit :]
+
+
+def thoughts_of_batch(inputs_embeds: Tensor, input_ids: Tensor, latent_id: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Anchors (N, D), trajectories (N, T, D) and counts (N,) of the rows that hold thoughts.
+
+    The forward's ``inputs_embeds`` carries the fed thoughts at the latent columns (aligned by the
+    collator: the same first column in every row); the first thought is the anchor.
+    """
+    is_latent = input_ids == latent_id  # (B, L)
+    counts = is_latent.sum(dim=1)  # (B,)
+    rows = counts > 0
+    if not bool(rows.any()):
+        return None
+    start = int(is_latent[rows].int().argmax(dim=1).min())
+    width = int(counts.max())
+    trajectories = inputs_embeds[rows, start : start + width]  # (N, T, D)
+    return trajectories[:, 0], trajectories, counts[rows]
+
+
+def info_nce(keys: Tensor, trajectories: Tensor, negatives: Tensor | None, temperature: float) -> Tensor:
+    """Mean InfoNCE: row i's key must choose trajectory i among the batch's and the extra negatives."""
+    candidates = trajectories if negatives is None else torch.cat([trajectories, negatives.to(trajectories.dtype)])
+    logits = keys @ candidates.T / temperature  # (N, N + M)
+    return F.cross_entropy(logits.float(), torch.arange(len(keys), device=keys.device))
