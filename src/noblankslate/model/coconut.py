@@ -294,9 +294,10 @@ class Coconut(nn.Module):
         if labels is not None:
             targets = labels[:, 1:]  # (B, L-1)
             if logits is not None:
+                # shift the labels, not the (B, L, V) logits, which would copy them
+                shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, L)
                 loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                    reduction=reduction,
+                    logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction,
                 )
             else:
                 keep = targets != IGNORE_INDEX
