@@ -101,7 +101,7 @@ def _eval(records):
 def test_paired_metrics_count_flips_and_false_exits_exactly():
     def rec(i, correct, passes, used=3, memory=None):
         return {"idx": i, "correct": correct, "forward_passes": passes, "thoughts_used": used, "latent_count": 3,
-                "memory": memory}
+                "memory": memory, "generated_tokens": passes - used - 1}
     mem = lambda hit, c: {"hit": hit, "best_similarity": 0.9 if hit else float("nan"), "confidence": c, "alpha": 0.3 * c,
                           "mean_nudge_norm": 0.5 if hit else 0.0, "nudged_steps": 3 if hit else 0, "clipped_steps": 1 if hit else 0}
     off = _eval([rec(0, True, 10), rec(1, False, 10), rec(2, True, 10), rec(3, False, 10)])
@@ -114,6 +114,7 @@ def test_paired_metrics_count_flips_and_false_exits_exactly():
     assert m["retrieval"]["hit_rate"] == 0.75
     assert m["exit"]["exit_rate"] == 0.5 and m["exit"]["false_exits"] == 1  # row 0 exited and lost its answer
     assert m["exit"]["mean_forward_passes_with_exit"] == 9.25 and m["exit"]["compute_saved"] == pytest.approx(0.075)
+    assert m["runs"]["on"] == {"accuracy": 0.5, "mean_generated_tokens": 6.5, "mean_forward_passes": 9.25, "mean_thoughts": 2.25}
     assert m["nudge"]["clip_rate"] == pytest.approx(3 / 9)
     assert m["calibration"]["brier"] == pytest.approx(((0.8 - 0) ** 2 + (0.9 - 1) ** 2 + (0.7 - 1) ** 2 + 0) / 4)
     assert m["time"]["memory_overhead_per_example"] == pytest.approx(0.1)

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from noblankslate.cli import data as data_commands
+from noblankslate.cli import demo as demo_commands
 from noblankslate.cli import memory as memory_commands
 from noblankslate.cli import plot as plot_commands
 from noblankslate.cli import train as train_commands
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_commands.register(subparsers)
     plot_commands.register(subparsers)
     memory_commands.register(subparsers)
+    demo_commands.register(subparsers)
     return parser
 
 

@@ -61,10 +61,16 @@ def retrieval_metrics(
     exited = used < latent
     false_exits = exited & ~right_on & right_full
     passes = {name: _mean([e[i]["forward_passes"] for i in items]) for name, e in (("off", a), ("full", f), ("on", o))}
+    runs = {name: {"accuracy": _mean([float(e[i]["correct"]) for i in items]),
+                   "mean_generated_tokens": _mean([e[i]["generated_tokens"] for i in items]),
+                   "mean_forward_passes": passes[name],
+                   "mean_thoughts": _mean([e[i]["thoughts_used"] for i in items])}
+            for name, e in (("off", a), ("full", f), ("on", o))}
     return {
         "epoch": epoch,
         "stage": stage,
         "items": n,
+        "runs": runs,
         "accuracy": {
             "without_retrieval": float(right_off.mean()) if n else 0.0,
             "with_retrieval": float(right_on.mean()) if n else 0.0,

@@ -142,8 +142,10 @@ def _latent_count(batch: dict[str, torch.Tensor], latent_id: int) -> int:
 class Trainer:
     """One run: owns the model, optimizer, data views and tracker; ``run()`` goes through the epochs."""
 
-    def __init__(self, config: Config, context: DistributedContext):
+    def __init__(self, config: Config, context: DistributedContext, memory_every_epoch: bool = True):
+        """``memory_every_epoch=False`` builds and evaluates the memory after the last epoch only (the demo)."""
         seed_everything(config.seed)
+        self.memory_every_epoch = memory_every_epoch
         self.config = config
         self.context = context
         self.run_dir = config.run_dir
@@ -391,7 +393,7 @@ class Trainer:
             result = EpochResult(epoch + 1, stage, train_loss, val_loss, evaluation, time.perf_counter() - started)
             results.append(result)
             self._report(result)
-            if config.retrieval.enabled:
+            if config.retrieval.enabled and (self.memory_every_epoch or epoch + 1 == last_epoch):
                 result.retrieval = self.memory_epoch(epoch, stage, evaluation)
             self._write_predictions(epoch, evaluation)
             improved = evaluation.accuracy > self.best_accuracy
