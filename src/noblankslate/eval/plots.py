@@ -43,6 +43,11 @@ def plot_run(records: list[dict[str, Any]], out: str | Path, title: str = "") ->
         ax.legend()
     if title:
         fig.suptitle(title)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Lay out, write a PNG (creating its folder) and free the figure."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -92,10 +92,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 def plot_report(report: dict[str, Any], out: str | Path) -> Path:
     """Per-epoch figures: accuracy off/on, forward passes with/without exit, ECE/Brier, index size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from noblankslate.eval.plots import save_figure  # sets the Agg backend
 
     epochs = report["epochs"]
     if not epochs:
@@ -112,9 +111,4 @@ def plot_report(report: dict[str, Any], out: str | Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
