@@ -114,7 +114,7 @@ def test_paired_metrics_count_flips_and_false_exits_exactly():
     assert m["retrieval"]["hit_rate"] == 0.75
     assert m["exit"]["exit_rate"] == 0.5 and m["exit"]["false_exits"] == 1  # row 0 exited and lost its answer
     assert m["exit"]["mean_forward_passes_with_exit"] == 9.25 and m["exit"]["compute_saved"] == pytest.approx(0.075)
-    assert m["runs"]["on"] == {"accuracy": 0.5, "mean_generated_tokens": 6.5, "mean_forward_passes": 9.25, "mean_thoughts": 2.25}
+    assert m["runs"]["on"] == {"accuracy": 0.5, "mean_generated_tokens": 6.0, "mean_forward_passes": 9.25, "mean_thoughts": 2.25}
     assert m["nudge"]["clip_rate"] == pytest.approx(3 / 9)
     assert m["calibration"]["brier"] == pytest.approx(((0.8 - 0) ** 2 + (0.9 - 1) ** 2 + (0.7 - 1) ** 2 + 0) / 4)
     assert m["time"]["memory_overhead_per_example"] == pytest.approx(0.1)
