@@ -48,7 +48,8 @@ def make_data(folder: Path, data: DemoData) -> tuple[Path, Path]:
                             exclude_questions={e["question"] for e in train})
     paths = folder / "train.json", folder / "valid.json"
     for path, examples in zip(paths, (train, valid)):
-        write_json_atomic(path, examples)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(examples, path)
     return paths
 
 
