@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -166,3 +167,22 @@ def test_bad_data_stops_before_any_model_is_built(tmp_path, tiny_data):
 
     with pytest.raises(DataError, match=r"bad.json: record 1, field 'answer': missing"):
         train(config_from_dict(tiny_config(tmp_path, tiny_data, train_path=str(bad))), CPU)
+
+
+def test_lr_schedule_factors():
+    from noblankslate.train.loop import lr_factor
+
+    assert [lr_factor(s, 100, "constant", 10) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [lr_factor(s, 100, "cosine", 10) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warmup
+    assert lr_factor(10, 100, "cosine", 10) == 1.0 and lr_factor(55, 100, "cosine", 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, "cosine", 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_schedule_is_applied_per_step(tmp_path, tiny_data):
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=2, lr_schedule="cosine", warmup_steps=2)
+    train(config_from_dict(raw), CPU)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "runs" / "tiny") if r["event"] == "step"]
+    assert len(lrs) == 12  # 48 examples / batch 8 x 2 epochs = the schedule's total
+    assert lrs[:2] == [pytest.approx(5e-4), pytest.approx(1e-3)]
+    assert lrs[2] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))

@@ -252,6 +252,10 @@ class Config:
     gradient_accumulation_steps: int = 1
     num_epochs: int = 1
     lr: float = 1e-4
+    lr_schedule: str = "constant"
+    """"constant" (the original) or "cosine": linear warmup over ``warmup_steps`` optimizer steps, then
+    cosine decay to 0 at the last step of ``num_epochs``."""
+    warmup_steps: int = 0
     weight_decay: float = 0.01
     debug: bool = False
     """Use a small subset of the data, save nothing and track nothing."""
@@ -276,6 +280,10 @@ class Config:
                 raise ConfigError(f"{modifier}: true is a variant of coconut; set coconut: true as well")
         if self.pause_token and self.max_latent_stage * self.c_thought == 0:
             raise ConfigError("pause_token needs max_latent_stage * c_thought > 0 pause tokens")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             raise ConfigError(f"parallel: expected 'auto', 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.batch_size_eval is not None and self.batch_size_eval < 1:

@@ -125,6 +125,20 @@ def epoch_order(n: int, seed: int, epoch: int, context: DistributedContext) -> l
     return padded[context.rank :: context.world_size]
 
 
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``lr``.
+
+    A function of the step alone, so a resumed run needs no scheduler state to continue exactly.
+    """
+    if schedule == "constant":
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -186,6 +200,9 @@ class Trainer:
             if resume_from is None and config.load_model_path and saved_heads.is_file():
                 self.heads.load_state_dict(read_state_dict(saved_heads))
         self.optimizer = self._new_optimizer()
+        per_rank = math.ceil(len(self.data.train_tokens) / context.world_size)
+        steps_per_epoch = math.ceil(math.ceil(per_rank / config.batch_size_training) / config.gradient_accumulation_steps)
+        self.total_steps = steps_per_epoch * config.num_epochs
 
         if resume_from is not None:
             checkpoint = load_checkpoint(resume_from)
@@ -268,6 +285,10 @@ class Trainer:
                 step_loss += float(loss_sum.detach())
             if self.heads is not None:
                 self.context.average_gradients(self.heads)  # the heads are outside DDP/FSDP
+            lr = self.config.lr * lr_factor(self.global_step, self.total_steps, self.config.lr_schedule,
+                                            self.config.warmup_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
@@ -276,7 +297,8 @@ class Trainer:
             loss_value = float(reduced[0] / reduced[1]) if reduced[1] else float("nan")
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{float(epoch_loss[1]) / (time.perf_counter() - started):.0f}")
-            record = {"event": "step", "epoch": epoch + 1, "stage": stage, "step": self.global_step, "train_loss": loss_value}
+            record = {"event": "step", "epoch": epoch + 1, "stage": stage, "step": self.global_step, "train_loss": loss_value,
+                      "lr": lr}
             if step_contrastive:
                 record["contrastive_loss"] = sum(step_contrastive) / len(step_contrastive)
             self.tracker.log(record)
