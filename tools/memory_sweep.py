@@ -53,7 +53,7 @@ def main() -> int:
         started = time.perf_counter()
         built = build_memory(model, trainer.tokenizer, trainer.memory_examples, trainer.memory_tokens, trainer.spec,
                              config, trainer.collate, context, key_head=trainer.key_head())
-        print0(f"memory: {len(built.parts.store)} entries from {len(trainer.memory_examples)} training examples "
+        print0(f"memory: {len(built.parts.store)} entries from {built.report['examples']} training examples "
                f"({time.perf_counter() - started:.0f} s); build report {json.dumps(built.report)}")
         prompts = prompt_view(trainer.data.val_tokens, stage, trainer.spec)
 
