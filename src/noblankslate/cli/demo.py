@@ -4,6 +4,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
+
+
+def free_cores(seconds: float = 0.5) -> float:
+    """Cores idle right now, from /proc/stat over a short interval (the load average lags by a minute,
+    so it still counts the pip install that ran just before ``make demo``)."""
+
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, all
+
+    try:
+        idle_before, total_before = snapshot()
+        time.sleep(seconds)
+        idle_after, total_after = snapshot()
+    except (OSError, ValueError, IndexError):
+        return max((os.cpu_count() or 1) - os.getloadavg()[0], 0.0)
+    return (os.cpu_count() or 1) * (idle_after - idle_before) / max(total_after - total_before, 1)
 
 
 def demo(out: str, config: str, train_examples: int | None, threads: int | None, overrides: list[str]) -> int:
@@ -12,9 +31,11 @@ def demo(out: str, config: str, train_examples: int | None, threads: int | None,
     from noblankslate.demo import run_demo, settings_with
 
     if not threads:
-        # Two threads halve the time on two free cores, but collapse when another process is busy.
-        threads = 2 if os.getloadavg()[0] < 0.7 else 1
-        print(f"using {threads} CPU thread(s) (load average {os.getloadavg()[0]:.1f}; --threads to choose)")
+        # One thread per free core: two threads halve the time on two free cores, but collapse when
+        # another process keeps a core busy (docs/demo.md).
+        free = free_cores()
+        threads = max(1, min(os.cpu_count() or 1, int(free + 0.5)))
+        print(f"using {threads} CPU thread(s) ({free:.1f} cores free just now; --threads to choose)")
     torch.set_num_threads(threads)
     run_demo(out, config, settings_with(train_examples=train_examples), overrides)
     return 0
