@@ -3,7 +3,6 @@ report, and the training loop's per-epoch files."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 
@@ -11,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from model_helpers import EOS, LATENT, MODEL_FACTORIES, wrap
+from model_helpers import MODEL_FACTORIES, wrap
 from test_generate import pad, prompt
-from test_training import CPU, tiny_config, tiny_data  # noqa: F401  (fixture)
+from run_helpers import CPU, tiny_config
 
 from noblankslate.config import NudgeConfig, RetrievalConfig, config_from_dict
 from noblankslate.eval.evaluate import GenerationEval
@@ -83,7 +82,6 @@ def test_nudge_moves_toward_the_target_and_respects_clip_and_norm(model_and_rows
                                   NudgeConfig(alpha_max=1.0, clip_radius=0.05, match_norm=True, calibration="none"))
     thought = torch.randn(len(rows), 32)
     controller._retrieve(thought)
-    controller.nudge = dataclasses.replace(controller.nudge)
     fed, last = controller(1, thought, torch.ones(len(rows), dtype=torch.bool))
     assert not last.any()
     torch.testing.assert_close(fed.norm(dim=-1), thought.norm(dim=-1))  # match_norm
@@ -122,7 +120,7 @@ def test_paired_metrics_count_flips_and_false_exits_exactly():
         retrieval_metrics(off, full, _eval(on.predictions[:3]), {}, {}, 1, 2)
 
 
-def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path, tiny_data):  # noqa: F811
+def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path, tiny_data):
     index = tmp_path / "index" / "faiss_index.bin"
     raw = tiny_config(tmp_path, tiny_data, num_epochs=2, retrieval={"enabled": True, "correct_only": False, "key_dim": 8},
                       nudge={"exit_threshold": 0.5, "exit_metric": "stability", "calibration": "isotonic"},
@@ -147,7 +145,7 @@ def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path,
     assert find_metrics(index, None)[0] is None
 
 
-def test_retrieval_disabled_is_exactly_plain_coconut(tmp_path, tiny_data):  # noqa: F811
+def test_retrieval_disabled_is_exactly_plain_coconut(tmp_path, tiny_data):
     plain = train(config_from_dict(tiny_config(tmp_path, tiny_data, num_epochs=2, name="plain")), CPU)
     off = train(config_from_dict(tiny_config(tmp_path, tiny_data, num_epochs=2, name="off",
                                              retrieval={"enabled": False, "k": 9}, nudge={"alpha_max": 0.9})), CPU)
@@ -157,13 +155,13 @@ def test_retrieval_disabled_is_exactly_plain_coconut(tmp_path, tiny_data):  # no
     assert not list((tmp_path / "runs" / "off").glob("retrieval_metrics_*"))
 
 
-def test_the_memory_is_never_built_from_the_evaluated_data(tmp_path, tiny_data):  # noqa: F811
+def test_the_memory_is_never_built_from_the_evaluated_data(tmp_path, tiny_data):
     config = config_from_dict(tiny_config(tmp_path, tiny_data, retrieval={"enabled": True, "build_from": str(tiny_data[1])}))
     with pytest.raises(ValueError, match="the data being evaluated"):
         load_memory_data(config, [])
 
 
-def test_contrastive_training_logs_saves_resumes_and_keys_the_memory(tmp_path, tiny_data):  # noqa: F811
+def test_contrastive_training_logs_saves_resumes_and_keys_the_memory(tmp_path, tiny_data):
     index = tmp_path / "index.bin"
     raw = tiny_config(tmp_path, tiny_data, num_epochs=2, retrieval={"enabled": True, "correct_only": False, "key_dim": 6},
                       training={"nudge_contrastive": True, "nudge_buffer_batch": 4, "retrieval_buffer_limit": 16},
@@ -185,3 +183,20 @@ def test_contrastive_training_logs_saves_resumes_and_keys_the_memory(tmp_path, t
     # a third epoch resumes with the saved heads
     train(config_from_dict({**raw, "num_epochs": 3}), CPU)
     assert [r["epoch"] for r in read_metrics(run_dir) if r["event"] == "epoch"] == [1, 2, 3]
+
+
+def test_targets_are_the_softmax_weighted_mean_of_the_hits():
+    store = LatentMemory(key_dim=2, steps=1, value_dim=2, metric="ip", fingerprint="t", value_dtype="float32")
+    store.add(np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32),
+              np.array([[[2.0, 0.0]], [[0.0, 4.0]]], dtype=np.float32), [{"thoughts": 1}, {"thoughts": 1}])
+    parts = MemoryParts(store=store, key_map=lambda x: x, value_inverse=lambda x: x,
+                        confidence=make_calibrator("none").fit(np.zeros(0), np.zeros(0)))
+    controller = MemoryController(parts, RetrievalConfig(k=2, sim_threshold=0.1, normalize_keys=False),
+                                  NudgeConfig(alpha_max=1.0, calibration="none", match_norm=False))
+    # row 0: similarities 0.5 and 0.2 (both hits); row 1: 0.5 and 0.05 (one hit); row 2: no hit
+    controller._retrieve(torch.tensor([[0.5, 0.2], [0.5, 0.05], [0.05, 0.05]]))
+    w = np.exp([0.5, 0.2]) / np.exp([0.5, 0.2]).sum()
+    expected = np.array([w[0] * np.array([2.0, 0.0]) + w[1] * np.array([0.0, 4.0]), [2.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(controller._targets[:, 0].numpy(), expected, rtol=1e-6)
+    assert controller._valid[:, 0].tolist() == [True, True, False]
+    assert controller.record.hit.tolist() == [True, True, False] and controller.record.confidence.tolist() == [1.0, 1.0, 0.0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import types
 
-import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -14,7 +13,7 @@ from noblankslate.config import Config, config_from_dict
 from noblankslate.model.build import build_model, build_tokenizer, gpt2_bpe_tokenizer
 from noblankslate.model.tokenizer import build_word_tokenizer
 from noblankslate.train.track import Tracker
-from test_training import CPU, tiny_config, tiny_data  # noqa: F401  (fixture)
+from run_helpers import CPU, tiny_config
 
 
 def test_the_offline_gpt2_bpe_files_are_the_real_gpt2_vocabulary():
@@ -63,7 +62,7 @@ def test_wandb_disabled_or_absent_still_writes_metrics(tmp_path, monkeypatch):
     assert tracker.wandb_run is None and (tmp_path / "metrics.jsonl").is_file()
 
 
-def test_save_only_improve_saves_only_better_epochs(tmp_path, tiny_data, monkeypatch):  # noqa: F811
+def test_save_only_improve_saves_only_better_epochs(tmp_path, tiny_data, monkeypatch):
     from noblankslate.train import loop
 
     accuracies = iter([0.5, 0.25, 0.75])

@@ -17,38 +17,11 @@ import yaml
 from safetensors.torch import load_file
 
 from noblankslate.config import config_from_dict
-from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
-from noblankslate.train.distributed import DistributedContext
 from noblankslate.train.loop import Trainer, train
+from run_helpers import CPU, tiny_config
 from noblankslate.train.track import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("data")
-    config = ProsQAConfig.small(concepts=(3, 4), distance=(2, 2))
-    train_examples = generate_prosqa(48, seed=0, config=config)
-    val_examples = generate_prosqa(12, seed=1, config=config, exclude_questions={e["question"] for e in train_examples})
-    (folder / "train.json").write_text(json.dumps(train_examples))
-    (folder / "valid.json").write_text(json.dumps(val_examples))
-    return folder / "train.json", folder / "valid.json"
-
-
-def tiny_config(tmp_path: Path, data: tuple[Path, Path], **overrides) -> dict:
-    raw = {
-        "save_path": str(tmp_path / "runs"), "name": "tiny", "coconut": True, "c_thought": 1,
-        "epochs_per_stage": 1, "max_latent_stage": 2, "pad_latent_to_max": True, "reset_optimizer": True,
-        "train_path": str(data[0]), "val_path": str(data[1]), "batch_size_training": 8, "num_epochs": 3,
-        "lr": 1e-3, "max_new_tokens": 6, "seed": 3,
-        "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.1},
-    }
-    raw.update(overrides)
-    return raw
-
-
 def final_weights(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
     return load_file(run_dir / f"checkpoint_{epoch}" / "model.safetensors")
 

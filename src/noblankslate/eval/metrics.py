@@ -65,7 +65,6 @@ def expected_calibration_error(confidence: ArrayLike, correct: ArrayLike, n_bins
     if conf.size == 0:
         return float("nan")
     idx = _bin_index(conf, np.linspace(0.0, 1.0, n_bins + 1))
-    counts = np.bincount(idx, minlength=n_bins)
     conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
     corr_sum = np.bincount(idx, weights=corr, minlength=n_bins)
     # |sum(correct) - sum(conf)| / N equals (n_bin / N) * |acc - mean conf|, and empty bins add 0.

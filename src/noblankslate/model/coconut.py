@@ -292,7 +292,6 @@ class Coconut(nn.Module):
         logits = self.lm_head(hidden) if return_logits else None  # (B, L, V)
         loss = None
         if labels is not None:
-            targets = labels[:, 1:]  # (B, L-1)
             if logits is not None:
                 # shift the labels, not the (B, L, V) logits, which would copy them
                 shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, L)
@@ -300,6 +299,7 @@ class Coconut(nn.Module):
                     logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction,
                 )
             else:
+                targets = labels[:, 1:]  # (B, L-1)
                 keep = targets != IGNORE_INDEX
                 selected = self.lm_head(hidden[:, :-1][keep])  # (N, V)
                 loss = F.cross_entropy(selected.float(), targets[keep], reduction=reduction)

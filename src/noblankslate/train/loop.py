@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -357,8 +356,7 @@ class Trainer:
         if not self.context.is_main:
             return None
         metrics = retrieval_metrics(off, evaluations["full"], evaluations["on"],
-                                    {**built.parts.store.stats(), "bytes_per_entry": built.parts.store.bytes_per_entry(),
-                                     "path": config.index.path, "build": built.report},
+                                    {**built.parts.store.stats(), "path": config.index.path, "build": built.report},
                                     seconds, epoch + 1, stage)
         if not config.debug:
             _write_json_atomic(self.run_dir / METRICS_FILE.format(epoch=epoch + 1), metrics)
