@@ -11,6 +11,7 @@ import sys
 
 from noblankslate.cli import data as data_commands
 from noblankslate.cli import demo as demo_commands
+from noblankslate.cli import experiment as experiment_commands
 from noblankslate.cli import memory as memory_commands
 from noblankslate.cli import plot as plot_commands
 from noblankslate.cli import train as train_commands
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot_commands.register(subparsers)
     memory_commands.register(subparsers)
     demo_commands.register(subparsers)
+    experiment_commands.register(subparsers)
     return parser
 
 

@@ -113,7 +113,11 @@ def _int_range(text: str) -> tuple[int, int]:
 def prosqa(out_path: str, num: int, seed: int, exclude: list[str], small: bool = False,
            concepts: tuple[int, int] | None = None, distance: tuple[int, int] | None = None) -> int:
     """Generate ProsQA examples into ``out_path``, never repeating a question of the ``exclude`` files."""
-    from noblankslate.data.convert import ConversionError, read_questions, write_json_atomic
+    from noblankslate.data.convert import (
+        ConversionError,
+        read_questions,
+        write_json_atomic,
+    )
     from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
 
     try:
@@ -129,6 +133,38 @@ def prosqa(out_path: str, num: int, seed: int, exclude: list[str], small: bool =
               "question is generated", file=sys.stderr)
     print(f"{out_path}: {len(examples)} ProsQA examples (seed {seed}, distance {config.min_distance}-"
           f"{config.max_distance}), none repeating the {len(excluded)} excluded questions")
+    return 0
+
+
+def balanced(out_path: str, num: int, seed: int, exclude: list[str], branches: tuple[int, int],
+             distance: tuple[int, int], shortcuts: bool = False) -> int:
+    """Generate balanced ProsQA examples (no shortcut answers them) into ``out_path``."""
+    from noblankslate.data.balanced import (
+        BalancedConfig,
+        generate_balanced,
+        shortcut_accuracies,
+    )
+    from noblankslate.data.convert import (
+        ConversionError,
+        read_questions,
+        write_json_atomic,
+    )
+
+    try:
+        config = BalancedConfig(branches=branches, distance=distance)
+        excluded = {q for path in exclude for q in read_questions(path)}
+        examples = generate_balanced(num, seed, exclude_questions=excluded, config=config)
+        write_json_atomic(examples, out_path, inputs=exclude)
+    except (ConversionError, DataError, ValueError, RuntimeError) as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"{out_path}: {len(examples)} balanced ProsQA examples (seed {seed}, {branches[0]}-{branches[1]} branches "
+          f"per person, distance {distance[0]}-{distance[1]}), none repeating the {len(excluded)} excluded questions")
+    if shortcuts and examples:
+        found = shortcut_accuracies(examples, max_hops=distance[1])
+        best = found["best_one_hop"]
+        print(f"best one-hop rule: {best['rule']} {best['accuracy']:.4f}; root among the ancestors within h hops: "
+              + ", ".join(f"h={h} {a:.4f}" for h, a in found["within_hops"].items()))
     return 0
 
 
@@ -214,3 +250,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--distance", metavar="LO-HI", type=_int_range, default=None,
                    help="root -> target distance range (default: 3-6, or 2-3 with --small)")
     p.set_defaults(handler=lambda a: prosqa(a.out, a.num, a.seed, a.exclude, a.small, a.concepts, a.distance))
+
+    p = commands.add_parser(
+        "balanced", help="generate balanced ProsQA examples: no shortcut answers them (Table 1 on a CPU)",
+        description="Generate ProsQA-format examples whose two people have the same shape: each has the same number "
+                    "of branches, each branch a chain of the same length d from the person to a leaf; the target "
+                    "ends one of the root's branches and the negative target one of the other person's, so no rule "
+                    "that looks fewer than d hops away beats chance. See docs/table1.md. The same --seed gives the "
+                    "same file, byte for byte; written atomically.")
+    p.add_argument("--num", type=int, required=True, help="number of examples")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", metavar="FILE.json", required=True, help="output file")
+    p.add_argument("--exclude", metavar="FILE.json", action="append", default=[],
+                   help="a Coconut JSON file whose questions must not be generated (the training file, when writing "
+                        "a held-out split); repeatable")
+    p.add_argument("--branches", metavar="LO-HI", type=_int_range, default=(2, 2),
+                   help="branches per person, drawn per graph (default: 2)")
+    p.add_argument("--distance", metavar="LO-HI", type=_int_range, default=(3, 4),
+                   help="branch length = root -> target distance = steps, drawn per graph (default: 3-4)")
+    p.add_argument("--shortcuts", action="store_true", help="also print what the shortcut rules score on the file")
+    p.set_defaults(handler=lambda a: balanced(a.out, a.num, a.seed, a.exclude, a.branches, a.distance, a.shortcuts))
