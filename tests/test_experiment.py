@@ -97,10 +97,13 @@ def test_every_row_runs_and_the_table_has_one_row_per_method(tiny_experiment):
             pooled = row["coconut_vs_row"]["pooled"]
             assert pooled["n"] == 8 and 0.0 <= pooled["p_value"] <= 1.0
     by_row = {r["row"]: r for r in table["rows"]}
+    assert set(by_row["coconut"]["accuracy_by_steps"]) == {"1", "2"}  # the tiny task has 1-2 hops
+    assert "Accuracy by the question's number of reasoning steps" in outputs.markdown.read_text()
     # Thoughts cost forward passes; answer-only rows make none beyond their tokens.
     assert by_row["coconut"]["mean_forward_passes"] > by_row["no_cot"]["mean_forward_passes"] - 1e-9
     markdown = outputs.markdown.read_text()
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    main_table = markdown.split("\n\n")[0]
+    lines = [line for line in main_table.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + len(ROWS)  # the header and one line per row
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     assert "McNemar" in markdown and "(reference)" in markdown

@@ -114,10 +114,12 @@ def _last_epoch_records(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def collect_result(job: Job, wall_seconds: float) -> dict[str, Any]:
     """The result of a finished run: last epoch's per-item records, per-epoch accuracy, steps, time."""
+    from noblankslate.data.schema import load_examples
     from noblankslate.train.loop import PREDICTIONS_FILE
     from noblankslate.train.track import read_metrics
 
     config = job.config
+    steps_of = {example.idx: len(example.steps) for example in load_examples(config.val_path)}
     run_dir = config.run_dir
     predictions_file = run_dir / PREDICTIONS_FILE.format(epoch=config.num_epochs)
     if not predictions_file.is_file():
@@ -127,7 +129,7 @@ def collect_result(job: Job, wall_seconds: float) -> dict[str, Any]:
         if line.strip():
             r = json.loads(line)
             items.append({"idx": r["idx"], "correct": bool(r["correct"]), "generated_tokens": r["generated_tokens"],
-                          "forward_passes": r["forward_passes"]})
+                          "forward_passes": r["forward_passes"], "reasoning_steps": steps_of[r["idx"]]})
     metrics = read_metrics(run_dir)
     epochs = _last_epoch_records(metrics)
     steps = max((r["step"] for r in metrics if r.get("event") == "step"), default=0)

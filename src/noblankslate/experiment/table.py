@@ -26,6 +26,15 @@ def _aligned(first: dict[str, Any], second: dict[str, Any]) -> tuple[list[bool],
     return [a[k] for k in keys], [b[k] for k in keys]
 
 
+def _accuracy_by_steps(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy over all seeds' items, grouped by the item's number of reasoning steps (hops)."""
+    right: dict[int, list[bool]] = {}
+    for run in runs:
+        for item in run["items"]:
+            right.setdefault(item["reasoning_steps"], []).append(item["correct"])
+    return {str(k): sum(v) / len(v) for k, v in sorted(right.items())}
+
+
 def build_table(results: dict[str, dict[str, Any]], rows: Sequence[Row], seeds: Sequence[int]) -> dict[str, Any]:
     """The table as data (what ``table.json`` holds)."""
     by_key = {(r["row"], r["seed"]): r for r in results.values()}
@@ -45,6 +54,7 @@ def build_table(results: dict[str, dict[str, Any]], rows: Sequence[Row], seeds: 
             "mean_forward_passes": statistics.fmean(r["mean_forward_passes"] for r in runs),
             "optimizer_steps": sorted({r["optimizer_steps"] for r in runs}),
             "wall_seconds": {str(r["seed"]): r["wall_seconds"] for r in runs},
+            "accuracy_by_steps": _accuracy_by_steps(runs),
             "accuracy_per_epoch": [statistics.fmean(r["epochs"][e]["accuracy"] for r in runs)
                                    for e in range(min(len(r["epochs"]) for r in runs))],
         }
@@ -97,6 +107,13 @@ def format_markdown(table: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Seeds {', '.join(str(s) for s in table['seeds'])}; optimizer steps per run: {steps} ({note}). "
                  "b / c: items only Coconut / only the row gets right, over all seeds.")
+    hops = sorted({k for e in table["rows"] for k in e["accuracy_by_steps"]}, key=int)
+    if len(hops) > 1:
+        lines += ["", "Accuracy by the question's number of reasoning steps (all seeds):", "",
+                  "| row | " + " | ".join(f"{h} steps" for h in hops) + " |", "|---|" + "---:|" * len(hops)]
+        for e in table["rows"]:
+            cells = [f"{100 * e['accuracy_by_steps'][h]:.1f}%" if h in e["accuracy_by_steps"] else "-" for h in hops]
+            lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -111,6 +128,7 @@ def plot_table(table: dict[str, Any], out: str | Path) -> Path:
     for i, e in enumerate(rows):
         values = list(e["accuracy"].values())
         bars.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+        bars.text(i, min(e["accuracy_mean"] + 0.02, 0.97), f"{100 * e['accuracy_mean']:.1f}", ha="center", fontsize=8)
         if e["paper_prosqa_gpt2"] is not None:
             bars.scatter([i], [e["paper_prosqa_gpt2"]], marker="_", s=300, color="#c0392b", zorder=3)
     bars.axhline(0.5, color="grey", linestyle=":", linewidth=1)
