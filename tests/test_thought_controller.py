@@ -83,3 +83,51 @@ def test_nudged_thoughts_batched_equal_each_row_alone(setup):
         n = ROWS[b][1]
         scale = float(alone.thoughts[0, :n].abs().max()) if n else 1.0
         torch.testing.assert_close(out.thoughts[b, :n], alone.thoughts[0, :n], rtol=1e-3, atol=1e-5 * scale)
+
+
+def _record_calls(model):
+    """(rows, columns) of every transformer call."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+
+    handle = model.base_causallm.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls, handle
+
+
+def test_rows_that_stop_leave_the_remaining_passes(setup):
+    model, _ = setup
+    rng = random.Random(4)
+    rows = [prompt(rng, 6, 4) for _ in range(5)]
+    ids, mask = pad(rows, "right")
+    calls, handle = _record_calls(model)
+    try:
+        out = model.generate(ids, mask, max_new_tokens=3, controller=StopAfter([1, -1, 1, -1, -1]))
+    finally:
+        handle.remove()
+    prompt_calls = calls[: len(calls) - 2]  # the last two calls are decoding steps, all 5 rows
+    # the prefix (5 rows, 7 columns); pass 0: rows 0 and 2 feed their only thought and leave, the rest of
+    # their prompt (4 skipped slots and the end marker) runs once; the three others feed thought 0; thoughts
+    # 1 and 2 on those three rows; their last thought runs with the end marker
+    assert prompt_calls == [(5, 7), (2, 5), (3, 1), (3, 1), (3, 1), (3, 2)]
+    assert calls[-2:] == [(5, 1), (5, 1)]
+    assert out.thoughts_used.tolist() == [1, 4, 1, 4, 4]
+    for b, row in enumerate(rows):
+        used = int(out.thoughts_used[b])
+        alone = model.generate(torch.tensor([row[:7] + row[7 : 7 + used] + row[11:]]), max_new_tokens=3)
+        assert out.sequences()[b] == alone.sequences()[0]
+
+
+def test_compacted_passes_equal_the_masked_lockstep_passes(setup):
+    model, rows = setup
+    ids, mask = pad(rows, "left")
+    stop_after = [1, -1, -1, 1, 2, 3]
+    compact = model.generate(ids, mask, max_new_tokens=8, controller=StopAfter(stop_after), return_thoughts=True)
+    lockstep = model.generate(ids, mask, max_new_tokens=8, controller=StopAfter(stop_after), return_thoughts=True,
+                              sync_forward_passes=6 + 8 + 1)
+    assert compact.sequences() == lockstep.sequences()
+    assert compact.forward_passes.tolist() == lockstep.forward_passes.tolist()
+    assert compact.thoughts_used.tolist() == lockstep.thoughts_used.tolist()
+    for b, used in enumerate(compact.thoughts_used.tolist()):
+        torch.testing.assert_close(compact.thoughts[b, :used], lockstep.thoughts[b, :used], rtol=1e-4, atol=1e-5)

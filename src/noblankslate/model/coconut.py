@@ -240,6 +240,84 @@ class Coconut(nn.Module):
                 break
         return PassResult(torch.cat(chunks, dim=1), torch.stack(fed, dim=1)[:, : layout.max_count], cache, used, len(chunks))
 
+    def _compacted_passes(
+        self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, layout: LatentLayout,
+        controller: ThoughtController | None = None,
+    ) -> PassResult:
+        """Generation's latent passes, each run only on the rows that still have a thought to feed.
+
+        The same computation as :meth:`_latent_passes` row by row, but a row leaves the serial passes as
+        soon as it has fed its last thought (its latent count is reached, or the controller stopped it):
+        the rest of its prompt runs once, in one call with the other rows that leave at that pass, and the
+        later thought passes process the remaining rows only, with their KV cache rows compacted. So an
+        early exit saves the compute of the passes it skips instead of masking them. The per-group caches
+        are merged back into one cache of every row for the batched decoding.
+
+        Every row still computes exactly what it computes alone; the transformer calls are not the same
+        in number as :meth:`_latent_passes` (a pass where rows leave makes two calls, one narrow, one
+        short), so FSDP lockstep generation uses that method instead.
+        """
+        batch, length, width = embeds.shape
+        start = layout.start
+        if layout.max_count == 0:
+            cache = DynamicCache(config=self.base_causallm.config)
+            hidden = self._backbone(embeds, attention_mask, position_ids, cache)
+            return PassResult(hidden, embeds[:, :0], cache, layout.counts, 1)
+        device = embeds.device
+        counts = layout.counts
+        hidden = embeds.new_zeros(batch, length, width)  # (B, L, D)
+        fed = embeds[:, start : start + layout.max_count].clone()  # (B, n, D): thoughts where fed
+        used = torch.zeros_like(counts)
+        finished: list[tuple[Tensor, DynamicCache]] = []  # (rows, cache over all L columns)
+        rows = torch.arange(batch, device=device)  # rows still in the serial passes
+        cache = DynamicCache(config=self.base_causallm.config)
+        out = self._backbone(embeds[:, :start], attention_mask[:, :start], position_ids[:, :start], cache)
+        hidden[:, :start] = out
+        forwards = 1
+        for i in range(layout.max_count):
+            column = start + i
+            feeding = counts[rows] > i  # (b,) rows of `rows` that feed thought i
+            column_input = embeds[rows, column]  # (b, D)
+            continuing = feeding & (counts[rows] > i + 1)
+            if bool(feeding.any()):
+                thought = out[:, -1]  # (b, D) hidden state before `column`
+                if controller is not None:
+                    full_thought = embeds.new_zeros(batch, width)
+                    full_thinking = torch.zeros(batch, dtype=torch.bool, device=device)
+                    full_thought[rows] = thought
+                    full_thinking[rows] = feeding
+                    new_thought, last = controller(i, full_thought, full_thinking)
+                    thought, last = new_thought[rows], last[rows] & feeding
+                    stop = last & continuing  # stopped before their latent count
+                    if bool(stop.any()):
+                        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+                        stopped[rows[stop]] = True
+                        self._skip_remaining_slots(stopped, i + 1, start, counts, attention_mask, position_ids)
+                    continuing = continuing & ~last
+                column_input = torch.where(feeding[:, None], thought, column_input)
+                fed[rows[feeding], i] = column_input[feeding]
+                used[rows[feeding]] += 1
+            leaving = ~continuing
+            if bool(leaving.any()):
+                # Their last thought (or none) is at `column`; the rest of their prompt runs now, once.
+                group = rows[leaving]
+                group_cache = cache if bool(leaving.all()) else _select_rows(cache, leaving, self.base_causallm.config)
+                rest = torch.cat([column_input[leaving][:, None], embeds[group, column + 1 :]], dim=1)
+                rest_out = self._backbone(rest, attention_mask[group], position_ids[group, column:], group_cache)
+                hidden[group, column:] = rest_out
+                finished.append((group, group_cache))
+                forwards += 1
+            if not bool(continuing.any()):
+                break
+            if bool(leaving.any()):
+                cache = _select_rows(cache, continuing, self.base_causallm.config)
+                rows, column_input = rows[continuing], column_input[continuing]
+            out = self._backbone(column_input[:, None], attention_mask[rows, : column + 1],
+                                 position_ids[rows, column : column + 1], cache)
+            hidden[rows, column] = out[:, 0]
+            forwards += 1
+        return PassResult(hidden, fed, _merge_rows(finished, batch, self.base_causallm.config), used, forwards)
+
     @staticmethod
     def _skip_remaining_slots(
         stop: Tensor, step: int, start: int, counts: Tensor, attention_mask: Tensor, position_ids: Tensor
@@ -349,7 +427,10 @@ class Coconut(nn.Module):
 
         embeds = self.embedding(prompts.input_ids)  # (B, W, D)
         prompt_mask, positions = prompts.attention_mask.clone(), prompts.position_ids.clone()
-        passed = self._latent_passes(embeds, prompt_mask, positions, layout, keep_cache=True, controller=controller)
+        if sync_forward_passes is None:
+            passed = self._compacted_passes(embeds, prompt_mask, positions, layout, controller=controller)
+        else:  # FSDP: the same transformer calls on every rank
+            passed = self._latent_passes(embeds, prompt_mask, positions, layout, keep_cache=True, controller=controller)
         cache, forwards_run = passed.cache, passed.forwards
         skipped = layout.counts - passed.used  # (B,) latent slots a stopped row did not use
         lengths_after_thoughts = prompts.lengths - skipped  # (B,) the row's prompt length as if alone
@@ -399,3 +480,24 @@ class Coconut(nn.Module):
         mask, positions = torch.ones_like(token), torch.zeros_like(token)
         for _ in range(missing):
             self._backbone(embeds, mask, positions, cache=None)
+
+
+def _select_rows(cache: DynamicCache, keep: Tensor, config) -> DynamicCache:
+    """A new cache holding the rows ``keep`` (bool over the cache's batch) of every layer."""
+    return DynamicCache(ddp_cache_data=[(layer.keys[keep], layer.values[keep]) for layer in cache.layers], config=config)
+
+
+def _merge_rows(groups: list[tuple[Tensor, DynamicCache]], batch: int, config) -> DynamicCache:
+    """One cache of ``batch`` rows from caches of disjoint row groups (equal lengths)."""
+    if len(groups) == 1 and groups[0][0].numel() == batch and bool((groups[0][0] == torch.arange(batch, device=groups[0][0].device)).all()):
+        return groups[0][1]
+    data = []
+    for layer in range(len(groups[0][1].layers)):
+        first = groups[0][1].layers[layer]
+        keys = first.keys.new_empty((batch, *first.keys.shape[1:]))
+        values = first.values.new_empty((batch, *first.values.shape[1:]))
+        for rows, cache in groups:
+            keys[rows] = cache.layers[layer].keys
+            values[rows] = cache.layers[layer].values
+        data.append((keys, values))
+    return DynamicCache(ddp_cache_data=data, config=config)
