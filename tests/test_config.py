@@ -141,7 +141,7 @@ def test_defaults_need_a_method():
 
 
 def test_memory_sections_validate_and_take_dotted_overrides(tmp_path):
-    text = ORIGINAL_PROSQA + "retrieval:\n  enabled: true\n  k: 4\n  metric: l2\nnudge:\n  alpha_max: 0.5\n  exit_threshold: 0.9\n"
+    text = ORIGINAL_PROSQA + "retrieval:\n  enabled: true\n  k: 4\n  metric: l2\n  sim_threshold: -0.5\nnudge:\n  alpha_max: 0.5\n  exit_threshold: 0.9\n"
     config = load_config(write(tmp_path, text), ["retrieval.k=8", "nudge.clip_radius=2.5", "index.path=/tmp/i.bin"])
     assert (config.retrieval.enabled, config.retrieval.k, config.retrieval.metric) == (True, 8, "l2")
     assert (config.nudge.alpha_max, config.nudge.exit_threshold, config.nudge.clip_radius) == (0.5, 0.9, 2.5)
@@ -153,5 +153,14 @@ def test_memory_sections_validate_and_take_dotted_overrides(tmp_path):
         load_config(write(tmp_path, text), ["retrieval.metric=dot"])
     with pytest.raises(ConfigError, match="nudge.calibration: expected none, temperature, platt or isotonic"):
         load_config(write(tmp_path, text), ["nudge.calibration=beta"])
+    with pytest.raises(ConfigError, match="sim_threshold 0.5 is unreachable under metric 'l2'"):
+        load_config(write(tmp_path, text), ["retrieval.sim_threshold=0.5"])
+    with pytest.raises(ConfigError, match=r"sim_threshold 1.5 is outside \[-1, 1\]"):
+        load_config(write(tmp_path, text), ["retrieval.metric=cosine", "retrieval.sim_threshold=1.5"])
+    with pytest.raises(ConfigError, match="normalize_keys: false has no effect under metric 'cosine'"):
+        load_config(write(tmp_path, text), ["retrieval.metric=cosine", "retrieval.sim_threshold=0.5",
+                                            "retrieval.normalize_keys=false"])
+    assert load_config(write(tmp_path, text), ["retrieval.metric=ip", "retrieval.sim_threshold=3",
+                                               "retrieval.normalize_keys=false"]).retrieval.sim_threshold == 3.0
     with pytest.raises(ConfigError, match="retrieval: expected a mapping"):
         load_config(write(tmp_path, ORIGINAL_PROSQA + "retrieval: 3\n"))

@@ -116,6 +116,11 @@ def test_paired_metrics_count_flips_and_false_exits_exactly():
     assert m["nudge"]["clip_rate"] == pytest.approx(3 / 9)
     assert m["calibration"]["brier"] == pytest.approx(((0.8 - 0) ** 2 + (0.9 - 1) ** 2 + (0.7 - 1) ** 2 + 0) / 4)
     assert m["time"]["memory_overhead_per_example"] == pytest.approx(0.1)
+    # memory on vs off: item 1 only with, item 0 only without (b = c = 1: p = 1)
+    paired = m["paired"]["memory_vs_off"]
+    assert (paired["only_first"], paired["only_second"], paired["p_value"], paired["difference"]) == (1, 1, 1.0, 0.0)
+    assert (m["paired"]["exit_vs_no_exit"]["only_first"], m["paired"]["exit_vs_no_exit"]["only_second"]) == (0, 1)
+    assert m["exit"]["wall_clock_saved"] == pytest.approx(1 - 1.2 / 1.1)
     with pytest.raises(ValueError, match="same items"):
         retrieval_metrics(off, full, _eval(on.predictions[:3]), {}, {}, 1, 2)
 
@@ -191,7 +196,7 @@ def test_targets_are_the_softmax_weighted_mean_of_the_hits():
               np.array([[[2.0, 0.0]], [[0.0, 4.0]]], dtype=np.float32), [{"thoughts": 1}, {"thoughts": 1}])
     parts = MemoryParts(store=store, key_map=lambda x: x, value_inverse=lambda x: x,
                         confidence=make_calibrator("none").fit(np.zeros(0), np.zeros(0)))
-    controller = MemoryController(parts, RetrievalConfig(k=2, sim_threshold=0.1, normalize_keys=False),
+    controller = MemoryController(parts, RetrievalConfig(k=2, sim_threshold=0.1, metric="ip", normalize_keys=False),
                                   NudgeConfig(alpha_max=1.0, calibration="none", match_norm=False))
     # row 0: similarities 0.5 and 0.2 (both hits); row 1: 0.5 and 0.05 (one hit); row 2: no hit
     controller._retrieve(torch.tensor([[0.5, 0.2], [0.5, 0.05], [0.05, 0.05]]))
@@ -200,3 +205,9 @@ def test_targets_are_the_softmax_weighted_mean_of_the_hits():
     np.testing.assert_allclose(controller._targets[:, 0].numpy(), expected, rtol=1e-6)
     assert controller._valid[:, 0].tolist() == [True, True, False]
     assert controller.record.hit.tolist() == [True, True, False] and controller.record.confidence.tolist() == [1.0, 1.0, 0.0]
+    # a temperature of 0.1 sharpens the weights: softmax([5, 2])
+    sharp = MemoryController(parts, RetrievalConfig(k=2, sim_threshold=0.1, metric="ip", normalize_keys=False, temperature=0.1),
+                             NudgeConfig(alpha_max=1.0, calibration="none", match_norm=False))
+    sharp._retrieve(torch.tensor([[0.5, 0.2]]))
+    w = np.exp([5.0, 2.0]) / np.exp([5.0, 2.0]).sum()
+    np.testing.assert_allclose(sharp._targets[0, 0].numpy(), w[0] * np.array([2.0, 0.0]) + w[1] * np.array([0.0, 4.0]), rtol=1e-6)

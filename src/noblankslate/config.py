@@ -75,7 +75,11 @@ class RetrievalConfig:
     k: int = 4
     """Neighbours retrieved per question."""
     sim_threshold: float = 0.5
-    """Neighbours at least this similar are hits (similarity: cosine/ip score, or -squared L2)."""
+    """Neighbours at least this similar are hits (similarity: cosine/ip score, or -squared L2); checked
+    against the metric's range."""
+    temperature: float = 1.0
+    """Neighbour weights are softmax(similarity / temperature) over the hits; 1.0 is the design's plain
+    softmax, under which close cosines weigh almost the same (0.99 vs 0.96: 0.254 vs 0.246 of four)."""
     key_dim: int | None = None
     """Size of the retrieval key phi(anchor); null = hidden size (no projection)."""
     value_dim: int | None = None
@@ -109,6 +113,18 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.calibration_fraction must be in (0, 1), got {self.calibration_fraction!r}")
         if self.build_batch_size < 1:
             raise ConfigError(f"retrieval.build_batch_size must be >= 1, got {self.build_batch_size}")
+        if not self.temperature > 0:
+            raise ConfigError(f"retrieval.temperature must be > 0, got {self.temperature!r}")
+        # A threshold outside the metric's range makes every question a hit or none: say so now.
+        if self.metric == "cosine" and not -1.0 <= self.sim_threshold <= 1.0:
+            raise ConfigError(f"retrieval.sim_threshold {self.sim_threshold} is outside [-1, 1], the range of cosine "
+                              "similarity, so no neighbour (or every one) would be a hit")
+        if self.metric == "l2" and self.sim_threshold > 0:
+            raise ConfigError(f"retrieval.sim_threshold {self.sim_threshold} is unreachable under metric 'l2': the "
+                              "similarity is minus the squared distance (<= 0); use a threshold <= 0, e.g. -0.5")
+        if self.metric == "cosine" and not self.normalize_keys:
+            raise ConfigError("retrieval.normalize_keys: false has no effect under metric 'cosine', which always "
+                              "normalises keys; use metric 'ip' for raw inner products")
 
 
 @dataclass

@@ -123,9 +123,11 @@ class MemoryController:
         any_hit = hits.any(axis=1)
         confidence = np.where(any_hit, parts.confidence(np.where(np.isfinite(best), best, np.nan)), 0.0)
 
-        # softmax over the hits' similarities; rows without a hit get all-zero weights
-        top = np.where(any_hit, np.max(np.where(hits, sims, -np.inf), axis=1), 0.0)[:, None]  # (B, 1)
-        weights = np.where(hits, np.exp(np.where(hits, sims, 0.0) - top), 0.0)
+        # softmax over the hits' similarities / temperature; rows without a hit get all-zero weights. With
+        # temperature 1, cosines of 0.99 and 0.96 weigh almost the same; a low temperature separates them.
+        scaled = sims / self.retrieval.temperature
+        top = np.where(any_hit, np.max(np.where(hits, scaled, -np.inf), axis=1), 0.0)[:, None]  # (B, 1)
+        weights = np.where(hits, np.exp(np.where(hits, scaled, 0.0) - top), 0.0)
         weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)  # (B, k)
 
         steps = parts.store.steps

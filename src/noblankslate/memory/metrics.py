@@ -4,6 +4,8 @@ Three generations of the same prompts with the same model: ``off`` (plain Coconu
 on, nudge only: every thought is used) and ``on`` (memory on: nudge and early exit). Accuracy and flips
 compare ``off`` with ``on``; exits compare ``on`` with ``full`` (an exit is false when the row stopped
 early and was wrong where its full-length run was right); forward passes are reported for all three.
+``paired`` gives each comparison's discordant pairs, exact McNemar p-value and the 95% interval of the
+accuracy difference, so a difference of a point or two can be read against its noise.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from noblankslate.eval.evaluate import GenerationEval
 from noblankslate.eval.metrics import brier_score, expected_calibration_error, reliability_table
+from noblankslate.eval.paired import paired_comparison
 
 METRICS_FILE = "retrieval_metrics_epoch_{epoch}.json"
 
@@ -79,6 +82,11 @@ def retrieval_metrics(
             "flips_wrong_to_right": int((~right_off & right_on).sum()),
             "flips_right_to_wrong": int((right_off & ~right_on).sum()),
         },
+        "paired": {
+            "memory_vs_off": paired_comparison(right_on, right_off).to_dict() if n else None,
+            "nudge_only_vs_off": paired_comparison(right_full, right_off).to_dict() if n else None,
+            "exit_vs_no_exit": paired_comparison(right_on, right_full).to_dict() if n else None,
+        },
         "retrieval": {
             "queried": int(sum(has_memory)),
             "hit_rate": float(hit.mean()) if n else 0.0,
@@ -100,6 +108,9 @@ def retrieval_metrics(
             "compute_saved": 1.0 - passes["on"] / passes["full"] if passes["full"] else 0.0,
             "false_exits": int(false_exits.sum()),
             "false_exit_rate": float(false_exits.mean()) if n else 0.0,
+            "generation_seconds_without_exit": seconds.get("full"),
+            "generation_seconds_with_exit": seconds.get("on"),
+            "wall_clock_saved": 1.0 - seconds["on"] / seconds["full"] if seconds.get("full") and "on" in seconds else None,
         },
         "calibration": {
             "ece": expected_calibration_error(confidence, right_on) if n else float("nan"),
