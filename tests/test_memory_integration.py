@@ -127,26 +127,28 @@ def test_paired_metrics_count_flips_and_false_exits_exactly():
 
 def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path, tiny_data):
     index = tmp_path / "index" / "faiss_index.bin"
-    raw = tiny_config(tmp_path, tiny_data, num_epochs=2, retrieval={"enabled": True, "correct_only": False, "key_dim": 8},
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=3, retrieval={"enabled": True, "correct_only": False, "key_dim": 8},
                       nudge={"exit_threshold": 0.5, "exit_metric": "stability", "calibration": "isotonic"},
                       index={"path": str(index)})
     results = train(config_from_dict(raw), CPU)
     run_dir = tmp_path / "runs" / "tiny"
-    for epoch in (1, 2):
+    assert not (run_dir / "retrieval_metrics_epoch_1.json").exists()  # stage 0 has no thoughts to remember
+    assert results[0].retrieval is None
+    for epoch in (2, 3):
         m = json.loads((run_dir / f"retrieval_metrics_epoch_{epoch}.json").read_text())
         assert m["epoch"] == epoch and m["items"] == 12
         assert m["accuracy"]["without_retrieval"] == results[epoch - 1].evaluation.accuracy
         assert set(m) >= {"accuracy", "retrieval", "nudge", "exit", "calibration", "index", "time"}
     parts = load_memory(index)
-    assert parts.store.info["build"]["epoch"] == 2  # rebuilt at the end of the last epoch
-    assert {m["added_epoch"] for m in (parts.store.metadata_of(int(i)) for i in parts.store.ids)} == {2}
-    assert [r["epoch"] for r in read_metrics(run_dir) if r["event"] == "retrieval"] == [1, 2]
+    assert parts.store.info["build"]["epoch"] == 3  # rebuilt at the end of the last epoch
+    assert {m["added_epoch"] for m in (parts.store.metadata_of(int(i)) for i in parts.store.ids)} == {3}
+    assert [r["epoch"] for r in read_metrics(run_dir) if r["event"] == "retrieval"] == [2, 3]
     with pytest.raises(MemoryFileError, match="fingerprint"):
         load_memory(index, fingerprint="another model")
     report = build_report(index)  # metrics are in the run folder, not next to the index
     assert report["epochs"] == [] and report["stats"]["entries"] == len(parts.store)
     report = build_report(index, run_dir)
-    assert [e["epoch"] for e in report["epochs"]] == [1, 2] and "per epoch" in format_report(report)
+    assert [e["epoch"] for e in report["epochs"]] == [2, 3] and "per epoch" in format_report(report)
     assert find_metrics(index, None)[0] is None
 
 

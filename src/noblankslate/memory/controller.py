@@ -160,8 +160,10 @@ class MemoryController:
         if metric == "probe":
             return self.parts.probe.probability(thought).float()
         if metric == "stability":
+            # Defined from the second thought on (it compares a thought with the one before): the first
+            # thought can never be the last under this metric (docs/memory.md).
             if self._previous is None:
-                return torch.zeros(thought.shape[0], device=thought.device)
+                return torch.full((thought.shape[0],), float("-inf"), device=thought.device)
             return torch.nn.functional.cosine_similarity(thought.float(), self._previous.float(), dim=-1)
         # neighbors: the retrieval confidence, once the neighbours' typical number of thoughts is reached
         return torch.where(step + 1 >= self._neighbor_exit.round(), self._confidence, torch.zeros_like(self._confidence))

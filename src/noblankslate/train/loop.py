@@ -413,7 +413,9 @@ class Trainer:
             result = EpochResult(epoch + 1, stage, train_loss, val_loss, evaluation, time.perf_counter() - started)
             results.append(result)
             self._report(result)
-            if config.retrieval.enabled and (self.memory_every_epoch or epoch + 1 == last_epoch):
+            # A memory of thoughts needs thoughts: none is built or evaluated at a stage without them (stage 0).
+            thinking_stage = stage > 0 and self.spec.c_thought > 0
+            if config.retrieval.enabled and thinking_stage and (self.memory_every_epoch or epoch + 1 == last_epoch):
                 result.retrieval = self.memory_epoch(epoch, stage, evaluation)
             self._write_predictions(epoch, evaluation)
             improved = evaluation.accuracy > self.best_accuracy
