@@ -130,6 +130,21 @@ def test_results_made_with_another_config_are_not_reused(tiny_experiment):
         run_experiment(path, parse_rows("coconut"), [0], out, overrides=["lr=2e-3"], echo=lambda m: None)
 
 
+def test_a_key_added_to_the_config_later_does_not_invalidate_results(tiny_experiment):
+    path, out, _, _ = tiny_experiment
+    result_file = out / "results" / "no_cot_seed0.json"
+    stored = json.loads(result_file.read_text())
+    del stored["config"]["retrieval"]["temperature"]  # as written before the key existed, at its default
+    result_file.write_text(json.dumps(stored))
+    messages = []
+    run_experiment(path, parse_rows("no_cot"), [0], out, echo=messages.append)
+    assert messages[-1].startswith("no_cot_seed0: done before")
+    stored["config"]["retrieval"]["k"] = 9
+    result_file.write_text(json.dumps(stored))
+    with pytest.raises(ExperimentError, match=r"retrieval\.k differ"):
+        run_experiment(path, parse_rows("no_cot"), [0], out, echo=lambda m: None)
+
+
 def test_cli_errors(tiny_experiment, capsys, tmp_path):
     path, _, _, _ = tiny_experiment
     assert main(["experiment", str(path), "--rows", "coconut,pause", "--out", str(tmp_path)]) == 2

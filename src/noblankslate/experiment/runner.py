@@ -80,6 +80,17 @@ def _comparable(config: Config) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict()))
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config sections as dotted keys (``retrieval.k``)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def result_path(out: str | Path, job: Job) -> Path:
     return Path(out) / RESULTS_DIR / f"{job.name}.json"
 
@@ -94,8 +105,11 @@ def finished_result(out: str | Path, job: Job) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text(encoding="utf-8"))
-    stored, wanted = result.get("config", {}), _comparable(job.config)
-    differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    stored, wanted = _flatten(result.get("config", {})), _flatten(_comparable(job.config))
+    # A key added to the config since the result was stored counts as its default value.
+    default = _flatten(_comparable(Config(coconut=True)))
+    differing = sorted(k for k in set(stored) | set(wanted)
+                       if stored.get(k, default.get(k)) != wanted.get(k, default.get(k)))
     if differing:
         raise ExperimentError(
             f"{path} was made with a different config ({', '.join(differing)} differ); use another --out, "
