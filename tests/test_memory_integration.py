@@ -22,7 +22,8 @@ from noblankslate.memory.controller import MemoryController, MemoryParts
 from noblankslate.memory.metrics import retrieval_metrics
 from noblankslate.memory.report import build_report, find_metrics, format_report
 from noblankslate.memory.store import LatentMemory, MemoryFileError
-from noblankslate.train.loop import load_memory_data, train
+from noblankslate.eval.setup import load_memory_data
+from noblankslate.train.loop import train
 from noblankslate.train.track import read_metrics
 
 ROWS = [(7, 3), (12, 0), (4, 1), (9, 2), (5, 3), (6, 3)]
@@ -213,3 +214,28 @@ def test_targets_are_the_softmax_weighted_mean_of_the_hits():
     sharp._retrieve(torch.tensor([[0.5, 0.2]]))
     w = np.exp([5.0, 2.0]) / np.exp([5.0, 2.0]).sum()
     np.testing.assert_allclose(sharp._targets[0, 0].numpy(), w[0] * np.array([2.0, 0.0]) + w[1] * np.array([0.0, 4.0]), rtol=1e-6)
+
+
+def test_memory_build_command_and_the_shared_setup(tmp_path, tiny_data, capsys):
+    from noblankslate.cli import main
+    from noblankslate.eval.setup import setup_run
+
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=2)
+    train(config_from_dict(raw), CPU)
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoint_2"
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(json.dumps(raw))  # JSON is YAML
+    index = tmp_path / "built" / "faiss_index.bin"
+    assert main(["memory", "build", str(config_file), f"load_model_path={checkpoint}", f"index.path={index}",
+                 "retrieval.correct_only=false"]) == 0
+    assert "memory written to" in capsys.readouterr().out
+    parts = load_memory(index)
+    assert len(parts.store) > 0
+    # the setup every entry point shares loads the checkpoint's weights and tokenizer
+    setup = setup_run(config_from_dict({**raw, "load_model_path": str(checkpoint), "only_eval": True}))
+    assert setup.train == [] and len(setup.val_tokens) == 12
+    from noblankslate.memory.builder import model_fingerprint
+    load_memory(index, fingerprint=model_fingerprint(setup.model))  # built from exactly these weights
+    assert main(["memory", "build", str(config_file), f"load_model_path={checkpoint}", f"index.path={index}",
+                 "training.nudge_contrastive=true"]) == 2
+    assert "nudge_heads.safetensors does not exist" in capsys.readouterr().err

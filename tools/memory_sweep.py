@@ -22,11 +22,11 @@ import torch
 from noblankslate.config import load_config
 from noblankslate.data.curriculum import prompt_view
 from noblankslate.eval.evaluate import evaluate_generation
-from noblankslate.memory.builder import build_memory
+from noblankslate.eval.setup import setup_run
+from noblankslate.memory.builder import build_memory, saved_key_head
 from noblankslate.memory.controller import MemoryController
 from noblankslate.memory.metrics import retrieval_metrics
 from noblankslate.train.distributed import distributed_context, print0
-from noblankslate.train.loop import Trainer
 
 
 def main() -> int:
@@ -47,19 +47,18 @@ def main() -> int:
                                        "retrieval.enabled=true"])
     rows, everything = [], []
     with distributed_context() as context:
-        trainer = Trainer(config, context)
+        setup = setup_run(config)
         stage = config.max_latent_stage + 1
-        model = trainer.parallel.model
+        model = setup.model.to(context.device)
         started = time.perf_counter()
-        built = build_memory(model, trainer.tokenizer, trainer.memory_examples, trainer.memory_tokens, trainer.spec,
-                             config, trainer.collate, context, key_head=trainer.key_head())
+        built = build_memory(model, setup, context, key_head=saved_key_head(config))
         print0(f"memory: {len(built.parts.store)} entries from {built.report['examples']} training examples "
                f"({time.perf_counter() - started:.0f} s); build report {json.dumps(built.report)}")
-        prompts = prompt_view(trainer.data.val_tokens, stage, trainer.spec)
+        prompts = prompt_view(setup.val_tokens, stage, setup.spec)
 
         def evaluate(controller=None):
             began = time.perf_counter()
-            result = evaluate_generation(model, trainer.tokenizer, trainer.data.val, prompts, trainer.collate,
+            result = evaluate_generation(model, setup.tokenizer, setup.val, prompts, setup.collate,
                                          batch_size=config.batch_size_eval or config.batch_size_training,
                                          max_new_tokens=config.resolved_max_new_tokens, context=context,
                                          controller=controller)

@@ -12,9 +12,10 @@ def build(config_path: str, overrides: list[str]) -> int:
     """Build the memory of the model at ``load_model_path`` from training data; save it at ``index.path``."""
     from noblankslate.config import ConfigError, load_config
     from noblankslate.data.schema import DataError
-    from noblankslate.memory.builder import build_memory
+    from noblankslate.eval.setup import setup_run
+    from noblankslate.memory.builder import build_memory, saved_key_head
     from noblankslate.train.distributed import distributed_context, print0
-    from noblankslate.train.loop import Trainer
+    from noblankslate.train.parallel import wrap_model
 
     try:
         config = load_config(config_path, overrides)
@@ -26,14 +27,14 @@ def build(config_path: str, overrides: list[str]) -> int:
         return 2
     with distributed_context() as context:
         try:
-            trainer = Trainer(config, context)
+            setup = setup_run(config)
+            key_head = saved_key_head(config)
         except (DataError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        with trainer.parallel.gathered() as model:
-            built = build_memory(model, trainer.tokenizer, trainer.memory_examples, trainer.memory_tokens, trainer.spec,
-                                 config, trainer.collate, context, lockstep=trainer.parallel.lockstep,
-                                 key_head=trainer.key_head())
+        parallel = wrap_model(setup.model, config, context)
+        with parallel.gathered() as model:
+            built = build_memory(model, setup, context, lockstep=parallel.lockstep, key_head=key_head)
         print0(f"memory written to {config.index.path}")
         print0(json.dumps(built.report, indent=1))
     return 0

@@ -66,7 +66,7 @@ def plan(config_path: str | Path, overrides: Sequence[str], rows: Sequence[Row],
 
 def check_data(jobs: Sequence[Job]) -> None:
     """Load and validate the data files once, before any compute (errors name file, record, field)."""
-    from noblankslate.train.loop import load_run_data
+    from noblankslate.eval.setup import load_run_data
 
     seen = set()
     for job in jobs:

@@ -23,7 +23,6 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,9 @@ import numpy as np
 import torch
 
 from noblankslate.config import Config
-from noblankslate.data.curriculum import CurriculumSpec, prompt_view
-from noblankslate.data.schema import Example
-from noblankslate.data.tokenize import TokenizedExample
+from noblankslate.data.curriculum import prompt_view
 from noblankslate.eval.evaluate import evaluate_generation
+from noblankslate.eval.setup import RunSetup
 from noblankslate.memory.calibration import Calibrator, make_calibrator
 from noblankslate.memory.controller import MemoryParts
 from noblankslate.memory.probe import ExitProbe, fit_exit_probe
@@ -57,6 +55,27 @@ class LinearKeyMap:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return x @ self.weight.T + self.bias
+
+
+HEADS_FILE = "nudge_heads.safetensors"
+
+
+def saved_key_head(config) -> LinearKeyMap | None:
+    """The learned key head saved with ``config.load_model_path`` (runs trained with
+    ``training.nudge_contrastive``), for the entry points that build a memory without training.
+
+    Raises:
+        ValueError: contrastive training is on but the checkpoint holds no heads.
+    """
+    if not config.training.nudge_contrastive:
+        return None
+    path = Path(config.load_model_path or "") / HEADS_FILE
+    if not path.is_file():
+        raise ValueError(f"training.nudge_contrastive is on but {path} does not exist: the key head would be random")
+    from noblankslate.model.weights import read_state_dict
+
+    state = read_state_dict(path)
+    return LinearKeyMap(state["key.weight"].float().numpy(), state["key.bias"].float().numpy())
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -162,24 +181,23 @@ def _as_function(key_map: Any):
 
 def build_memory(
     model: Coconut,
-    tokenizer,
-    examples: Sequence[Example],
-    tokenized: Sequence[TokenizedExample],
-    spec: CurriculumSpec,
-    config: Config,
-    collate,
+    setup: RunSetup,
     context: DistributedContext,
     *,
     lockstep: bool = False,
     epoch: int = 0,
     key_head: LinearKeyMap | None = None,
 ) -> BuildResult:
-    """Build the memory from ``examples`` (training data), save it at ``config.index.path``, load it back.
+    """Build the memory from the run's memory examples (training data), save it at ``config.index.path``,
+    load it back.
 
     Args:
         model: the unwrapped Coconut model (all ranks call this; generation is sharded).
+        setup: the run (config, tokenizer, curriculum spec, collator, ``memory_examples`` and their tokens).
         key_head: a learned key map (contrastive training); otherwise PCA to ``retrieval.key_dim``.
     """
+    config, tokenizer, spec, collate = setup.config, setup.tokenizer, setup.spec, setup.collate
+    examples, tokenized = setup.memory_examples, setup.memory_tokens
     started = time.perf_counter()
     retrieval = config.retrieval
     path = Path(config.index.path)

@@ -14,12 +14,11 @@ Behaviour follows the original run.py, with these documented differences (docs/t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,23 +27,29 @@ import torch
 from tqdm import tqdm
 
 from noblankslate.config import Config
-from noblankslate.data.collator import LatentCollator
 from noblankslate.data.curriculum import (
-    CurriculumSpec,
     Features,
     prompt_view,
     scheduled_stage,
     training_view,
     validation_loss_view,
 )
-from noblankslate.data.schema import Example, load_examples
-from noblankslate.data.tokenize import TokenizedExample, tokenize_examples
-from noblankslate.eval.evaluate import GenerationEval, evaluate_generation, validation_loss
+from noblankslate.eval.evaluate import (
+    GenerationEval,
+    evaluate_generation,
+    validation_loss,
+)
+from noblankslate.eval.setup import setup_run
 from noblankslate.memory.builder import LinearKeyMap, build_memory
-from noblankslate.memory.contrastive import ContrastiveHeads, TrajectoryBuffer, info_nce, thoughts_of_batch
+from noblankslate.memory.contrastive import (
+    ContrastiveHeads,
+    TrajectoryBuffer,
+    info_nce,
+    thoughts_of_batch,
+)
 from noblankslate.memory.controller import MemoryController
 from noblankslate.memory.metrics import METRICS_FILE, retrieval_metrics
-from noblankslate.model.build import build_model, build_tokenizer, uses_latent_tokens
+from noblankslate.model.build import uses_latent_tokens
 from noblankslate.model.weights import read_state_dict
 from noblankslate.train.checkpoint import (
     capture_rng_state,
@@ -57,25 +62,7 @@ from noblankslate.train.distributed import DistributedContext, print0
 from noblankslate.train.parallel import ParallelModel, autocast, wrap_model
 from noblankslate.train.track import Tracker
 
-DEBUG_TRAIN_LIMIT = 5000
-DEBUG_VAL_LIMIT = 32
 PREDICTIONS_FILE = "predictions_epoch_{epoch}.jsonl"
-
-
-def coconut_texts(examples: Sequence[Example]) -> Iterator[str]:
-    """The strings Coconut tokenizes (for building a word-level tokenizer from training data)."""
-    for example in examples:
-        yield example.question + "\n"
-        yield from (step + "\n" for step in example.steps)
-        yield "### " + example.answer
-
-
-@dataclass
-class RunData:
-    train: list[Example]
-    val: list[Example]
-    train_tokens: list[TokenizedExample]
-    val_tokens: list[TokenizedExample]
 
 
 @dataclass
@@ -87,32 +74,6 @@ class EpochResult:
     evaluation: GenerationEval
     seconds: float
     retrieval: dict | None = None
-
-
-def load_run_data(config: Config) -> tuple[list[Example], list[Example]]:
-    """Load and validate both files before any model is built (errors name file, record, field)."""
-    if config.val_path is None:
-        raise ValueError("val_path is not set")
-    val = load_examples(config.val_path, limit=DEBUG_VAL_LIMIT if config.debug else None)
-    train: list[Example] = []
-    if not config.only_eval:
-        if config.train_path is None:
-            raise ValueError("train_path is not set (needed unless only_eval: true)")
-        train = load_examples(config.train_path, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
-    return train, val
-
-
-def load_memory_data(config: Config, train: list[Example]) -> list[Example]:
-    """The examples the memory is built from: ``retrieval.build_from`` or the training set, never the
-    evaluated file."""
-    source = config.retrieval.build_from or config.train_path
-    if source is None:
-        raise ValueError("retrieval.enabled needs training data to build the memory from (retrieval.build_from or train_path)")
-    if Path(source).resolve() == Path(config.val_path).resolve():
-        raise ValueError(f"the memory would be built from {source}, the data being evaluated; use training data")
-    if source == config.train_path and train:
-        return train
-    return load_examples(source, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
 
 
 def epoch_order(n: int, seed: int, epoch: int, context: DistributedContext) -> list[int]:
@@ -168,30 +129,18 @@ class Trainer:
         self.best_accuracy = 0.0
         self.global_step = 0
 
-        train, val = load_run_data(config)
-        memory_examples = load_memory_data(config, train) if config.retrieval.enabled else []
-        build_config = config
         if resume_from is not None:
             print0(f"found {resume_from}: resuming from it (the config's resume={config.resume} is ignored)")
-            build_config = dataclasses.replace(config, load_model_path=str(resume_from))
-        tokenizer = build_tokenizer(build_config, lambda: coconut_texts(train))
-        built = build_model(build_config, tokenizer)
-        if built.load_summary:
-            print0(built.load_summary)
-        self.tokenizer = built.tokenizer
-        self.latent_ids = built.latent_ids
-        self.spec = CurriculumSpec.from_config(config, built.latent_ids)
-        self.data = RunData(train, val, tokenize_examples(train, tokenizer) if train else [], tokenize_examples(val, tokenizer))
-        self.memory_examples = memory_examples
-        self.memory_tokens = (self.data.train_tokens if memory_examples is train
-                              else tokenize_examples(memory_examples, tokenizer) if memory_examples else [])
-        self.collate = LatentCollator(pad_token_id=tokenizer.pad_token_id, latent_id=built.latent_ids.latent_id)
-        self.parallel: ParallelModel = wrap_model(built.model, config, context)
+        self.setup = setup_run(config, weights_from=resume_from)
+        if self.setup.load_summary:
+            print0(self.setup.load_summary)
+        built_model = self.setup.model
+        self.parallel: ParallelModel = wrap_model(built_model, config, context)
         self.heads: ContrastiveHeads | None = None
         if config.training.nudge_contrastive:
-            if not (config.coconut and built.model.feed_thoughts):
+            if not (config.coconut and built_model.feed_thoughts):
                 raise ValueError("training.nudge_contrastive needs coconut thoughts (not cot, pause or no_thoughts)")
-            hidden = built.model.base_causallm.config.hidden_size
+            hidden = built_model.base_causallm.config.hidden_size
             torch.manual_seed(config.seed + 17)
             self.heads = ContrastiveHeads(hidden, config.retrieval.key_dim or hidden).to(context.device)
             self.buffer = TrajectoryBuffer(config.training.retrieval_buffer_limit, seed=config.seed)
@@ -199,7 +148,7 @@ class Trainer:
             if resume_from is None and config.load_model_path and saved_heads.is_file():
                 self.heads.load_state_dict(read_state_dict(saved_heads))
         self.optimizer = self._new_optimizer()
-        per_rank = math.ceil(len(self.data.train_tokens) / context.world_size)
+        per_rank = math.ceil(len(self.setup.train_tokens) / context.world_size)
         steps_per_epoch = math.ceil(math.ceil(per_rank / config.batch_size_training) / config.gradient_accumulation_steps)
         self.total_steps = steps_per_epoch * config.num_epochs
 
@@ -231,7 +180,7 @@ class Trainer:
         """Under FSDP, the largest latent count over all ranks, so every rank runs the same passes."""
         if not self.parallel.lockstep or not self.parallel.model.feed_thoughts:
             return None
-        return self.context.all_reduce_max(_latent_count(batch, self.latent_ids.latent_id))
+        return self.context.all_reduce_max(_latent_count(batch, self.setup.latent_ids.latent_id))
 
     def _forward_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM loss summed over labelled tokens, and the contrastive loss (mean over rows) if on."""
@@ -241,7 +190,7 @@ class Trainer:
         return out.loss, contrastive
 
     def _contrastive(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
-        found = thoughts_of_batch(inputs_embeds, input_ids, self.latent_ids.latent_id)
+        found = thoughts_of_batch(inputs_embeds, input_ids, self.setup.latent_ids.latent_id)
         if found is None or len(found[0]) < 2:
             return None
         keys, trajectories = self.heads(*found)
@@ -257,7 +206,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int, stage: int) -> float:
         """One epoch of optimizer steps; returns the mean loss per labelled token."""
-        view = training_view(self.data.train_tokens, stage, self.spec, self.config.seed, epoch)
+        view = training_view(self.setup.train_tokens, stage, self.setup.spec, self.config.seed, epoch)
         micro = self._micro_batches(view, epoch)
         accumulation = self.config.gradient_accumulation_steps
         groups = [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)]
@@ -268,7 +217,7 @@ class Trainer:
                    disable=not self.context.is_main, dynamic_ncols=True)
         started = time.perf_counter()
         for group in groups:
-            batches = [{k: v.to(device) for k, v in self.collate(f).items() if k != "idx"} for f in group]
+            batches = [{k: v.to(device) for k, v in self.setup.collate(f).items() if k != "idx"} for f in group]
             tokens = float(self.context.all_reduce_sum([sum(_labelled_tokens(b) for b in batches)])[0])
             step_loss, step_contrastive = 0.0, []
             for j, batch in enumerate(batches):
@@ -307,9 +256,9 @@ class Trainer:
     def evaluate(self, epoch: int, stage: int) -> tuple[float | None, GenerationEval]:
         val_loss = None
         if not self.config.only_eval:
-            features = validation_loss_view(self.data.val_tokens, stage, self.spec, self.config.seed, epoch)
+            features = validation_loss_view(self.setup.val_tokens, stage, self.setup.spec, self.config.seed, epoch)
             with autocast(self.config, self.context, self.parallel.kind):
-                val_loss = validation_loss(self.parallel.wrapped, features, self.collate,
+                val_loss = validation_loss(self.parallel.wrapped, features, self.setup.collate,
                                            batch_size=self.config.batch_size_training, context=self.context,
                                            latent_passes=self._latent_passes)
         started = time.perf_counter()
@@ -318,10 +267,10 @@ class Trainer:
         return val_loss, evaluation
 
     def _generate(self, stage: int, controller=None) -> GenerationEval:
-        prompts = prompt_view(self.data.val_tokens, stage, self.spec)
+        prompts = prompt_view(self.setup.val_tokens, stage, self.setup.spec)
         with self.parallel.gathered() as model, autocast(self.config, self.context, self.parallel.kind):
             return evaluate_generation(
-                model, self.tokenizer, self.data.val, prompts, self.collate,
+                model, self.setup.tokenizer, self.setup.val, prompts, self.setup.collate,
                 batch_size=self.config.batch_size_eval or self.config.batch_size_training,
                 max_new_tokens=self.config.resolved_max_new_tokens, context=self.context,
                 lockstep=self.parallel.lockstep, controller=controller,
@@ -339,8 +288,7 @@ class Trainer:
         with the plain evaluation ``off``, and write ``retrieval_metrics_epoch_{E}.json``."""
         config = self.config
         with self.parallel.gathered() as model, autocast(config, self.context, self.parallel.kind):
-            built = build_memory(model, self.tokenizer, self.memory_examples, self.memory_tokens, self.spec, config,
-                                 self.collate, self.context, lockstep=self.parallel.lockstep, epoch=epoch + 1,
+            built = build_memory(model, self.setup, self.context, lockstep=self.parallel.lockstep, epoch=epoch + 1,
                                  key_head=self.key_head())
         seconds = {"off": self.generation_seconds}
         evaluations = {}
@@ -391,7 +339,7 @@ class Trainer:
                 rng_state=capture_rng_state(),
                 train_state={"epoch": epoch + 1, "stage": stage, "global_step": self.global_step,
                              "best_accuracy": self.best_accuracy},
-                config=self.config, tokenizer=self.tokenizer,
+                config=self.config, tokenizer=self.setup.tokenizer,
                 extra_states={"nudge_heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}}
                 if self.heads is not None else None,
             )
@@ -414,7 +362,7 @@ class Trainer:
             results.append(result)
             self._report(result)
             # A memory of thoughts needs thoughts: none is built or evaluated at a stage without them (stage 0).
-            thinking_stage = stage > 0 and self.spec.c_thought > 0
+            thinking_stage = stage > 0 and self.setup.spec.c_thought > 0
             if config.retrieval.enabled and thinking_stage and (self.memory_every_epoch or epoch + 1 == last_epoch):
                 result.retrieval = self.memory_epoch(epoch, stage, evaluation)
             self._write_predictions(epoch, evaluation)

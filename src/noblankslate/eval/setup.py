@@ -1,0 +1,108 @@
+"""What every entry point builds for a run: validated data, tokenizer, curriculum, collator and model.
+
+Training, ``nbs memory build``, ``tools/memory_sweep.py`` and the demo all start here, so a run is set up
+the same way whatever uses it, and nothing that only evaluates has to construct the trainer (which adds the
+optimizer, resume and the epochs on top). Data files are loaded and validated before any model is built,
+so a bad record stops the run with its file, index and field before compute is spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from noblankslate.config import Config
+from noblankslate.data.collator import LatentCollator
+from noblankslate.data.curriculum import CurriculumSpec
+from noblankslate.data.schema import Example, load_examples
+from noblankslate.data.tokenize import TokenizedExample, tokenize_examples
+from noblankslate.model.build import build_model, build_tokenizer
+from noblankslate.model.coconut import Coconut
+from noblankslate.model.special_tokens import LatentTokenIds
+
+DEBUG_TRAIN_LIMIT = 5000
+DEBUG_VAL_LIMIT = 32
+
+
+def coconut_texts(examples: Sequence[Example]) -> Iterator[str]:
+    """The strings Coconut tokenizes (for building a word-level tokenizer from training data)."""
+    for example in examples:
+        yield example.question + "\n"
+        yield from (step + "\n" for step in example.steps)
+        yield "### " + example.answer
+
+
+def load_run_data(config: Config) -> tuple[list[Example], list[Example]]:
+    """Load and validate both files before any model is built (errors name file, record, field)."""
+    if config.val_path is None:
+        raise ValueError("val_path is not set")
+    val = load_examples(config.val_path, limit=DEBUG_VAL_LIMIT if config.debug else None)
+    train: list[Example] = []
+    if not config.only_eval:
+        if config.train_path is None:
+            raise ValueError("train_path is not set (needed unless only_eval: true)")
+        train = load_examples(config.train_path, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
+    return train, val
+
+
+def load_memory_data(config: Config, train: list[Example]) -> list[Example]:
+    """The examples the memory is built from: ``retrieval.build_from`` or the training set, never the
+    evaluated file."""
+    source = config.retrieval.build_from or config.train_path
+    if source is None:
+        raise ValueError("retrieval.enabled needs training data to build the memory from (retrieval.build_from or train_path)")
+    if Path(source).resolve() == Path(config.val_path).resolve():
+        raise ValueError(f"the memory would be built from {source}, the data being evaluated; use training data")
+    if source == config.train_path and train:
+        return train
+    return load_examples(source, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
+
+
+@dataclass
+class RunSetup:
+    """One run's data and model, before any wrapping for distributed training."""
+
+    config: Config
+    train: list[Example]
+    val: list[Example]
+    train_tokens: list[TokenizedExample]
+    val_tokens: list[TokenizedExample]
+    memory_examples: list[Example]
+    """What the memory is built from (empty unless ``retrieval.enabled``)."""
+    memory_tokens: list[TokenizedExample]
+    tokenizer: PreTrainedTokenizerBase
+    latent_ids: LatentTokenIds
+    spec: CurriculumSpec
+    collate: LatentCollator
+    model: Coconut
+    load_summary: str | None
+    """What loading ``load_model_path`` (or the resume checkpoint) did, for the log."""
+
+
+def setup_run(config: Config, weights_from: str | Path | None = None) -> RunSetup:
+    """Load and check the data, then build tokenizer, curriculum spec, collator and model.
+
+    Args:
+        config: the validated run config.
+        weights_from: a checkpoint to load instead of ``config.load_model_path`` (the trainer's resume
+            point); its tokenizer is used too.
+    """
+    train, val = load_run_data(config)
+    memory_examples = load_memory_data(config, train) if config.retrieval.enabled else []
+    build_config = config if weights_from is None else replace(config, load_model_path=str(weights_from))
+    tokenizer = build_tokenizer(build_config, lambda: coconut_texts(train))
+    built = build_model(build_config, tokenizer)
+    tokenizer = built.tokenizer
+    train_tokens = tokenize_examples(train, tokenizer) if train else []
+    memory_tokens = (train_tokens if memory_examples is train
+                     else tokenize_examples(memory_examples, tokenizer) if memory_examples else [])
+    return RunSetup(
+        config=config, train=train, val=val, train_tokens=train_tokens, val_tokens=tokenize_examples(val, tokenizer),
+        memory_examples=memory_examples, memory_tokens=memory_tokens, tokenizer=tokenizer,
+        latent_ids=built.latent_ids, spec=CurriculumSpec.from_config(config, built.latent_ids),
+        collate=LatentCollator(pad_token_id=tokenizer.pad_token_id, latent_id=built.latent_ids.latent_id),
+        model=built.model, load_summary=built.load_summary,
+    )
