@@ -111,6 +111,7 @@ def test_paired_metrics_count_flips_and_false_exits_exactly():
     assert m["accuracy"]["without_retrieval"] == 0.5 and m["accuracy"]["with_retrieval"] == 0.5
     assert (m["accuracy"]["flips_wrong_to_right"], m["accuracy"]["flips_right_to_wrong"]) == (1, 1)
     assert m["retrieval"]["hit_rate"] == 0.75
+    assert m["retrieval"]["best_similarity_quantiles"]["50"] == pytest.approx(0.9)
     assert m["exit"]["exit_rate"] == 0.5 and m["exit"]["false_exits"] == 1  # row 0 exited and lost its answer
     assert m["exit"]["mean_forward_passes_with_exit"] == 9.25 and m["exit"]["compute_saved"] == pytest.approx(0.075)
     assert m["runs"]["on"] == {"accuracy": 0.5, "mean_generated_tokens": 6.0, "mean_forward_passes": 9.25, "mean_thoughts": 2.25}

@@ -145,3 +145,20 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
         with pytest.raises(ProjectionFileError, match=message) as err:
             PCAProjection.load(path)
         assert str(path) in str(err.value)
+
+
+def test_centering_removes_the_common_direction_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=16) * 10
+    x = (common + rng.normal(size=(200, 16))).astype(np.float32)
+    raw_cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
+    p = PCAProjection.centering(x)
+    y = p.transform(x)
+    np.testing.assert_allclose(y, x - x.mean(axis=0), atol=1e-4)
+    np.testing.assert_allclose(p.inverse_transform(y), x, atol=1e-4)
+    assert p.out_dim == 16 and not p.is_identity and p.retained_variance == pytest.approx(1.0)
+    cos = (y / np.linalg.norm(y, axis=1, keepdims=True)) @ (y / np.linalg.norm(y, axis=1, keepdims=True)).T
+    off_diagonal = ~np.eye(200, dtype=bool)
+    assert raw_cos[off_diagonal].mean() > 0.9 and abs(cos[off_diagonal].mean()) < 0.05
+    p.save(tmp_path / "c.npz")
+    np.testing.assert_allclose(PCAProjection.load(tmp_path / "c.npz").transform(x), y, atol=1e-6)

@@ -256,7 +256,9 @@ def _fit_and_save(full: list[dict], shorter: list[list[dict]], steps: int, confi
     if key_head is not None:
         key_map: Any = key_head
     else:
-        key_map = PCAProjection.fit(anchors, retrieval.key_dim if retrieval.key_dim and retrieval.key_dim < hidden_size else None)
+        # Keys are centred on the build set's mean anchor (PCA centres too): raw anchors are all alike.
+        reduced = retrieval.key_dim if retrieval.key_dim and retrieval.key_dim < hidden_size else None
+        key_map = PCAProjection.fit(anchors, reduced) if reduced else PCAProjection.centering(anchors)
     key_fn = _as_function(key_map)
     all_thoughts = np.concatenate([thoughts_of(i) for i in fit_indices])  # (sum n, D)
     value_dim = retrieval.value_dim if retrieval.value_dim and retrieval.value_dim < hidden_size else None

@@ -91,6 +91,9 @@ def retrieval_metrics(
             "queried": int(sum(has_memory)),
             "hit_rate": float(hit.mean()) if n else 0.0,
             "mean_best_similarity": _mean(best),
+            # The spread says whether similarity separates problems (all near 1: it does not).
+            "best_similarity_quantiles": ({str(q): float(np.quantile(best, q / 100)) for q in (5, 25, 50, 75, 95)}
+                                          if best else {}),
         },
         "nudge": {
             "applied_rate": len(nudged) / n if n else 0.0,

@@ -98,6 +98,22 @@ class PCAProjection:
         return cls(dim, dim)
 
     @classmethod
+    def centering(cls, x: ArrayLike) -> PCAProjection:
+        """x -> x - mean(x): no dimension is dropped, the axes are kept (components = identity).
+
+        Retrieval keys need it: raw anchors of one model all point the same way (cosine ~0.98 between
+        any two), so cosine similarity cannot tell problems apart until the common mean is removed.
+        """
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.ndim != 2 or len(arr) == 0 or not np.isfinite(arr).all():
+            raise ValueError(f"x: expected a non-empty finite (N, d) array, got shape {arr.shape}")
+        d = arr.shape[1]
+        variance = arr.var(axis=0)
+        share = variance / variance.sum() if variance.sum() > 0 else np.full(d, 1.0 / d)
+        return cls(d, d, mean=arr.mean(axis=0).astype(np.float32), components=np.eye(d, dtype=np.float32),
+                   explained_variance_ratio=share)
+
+    @classmethod
     def fit(cls, x: ArrayLike, out_dim: int | None = None) -> PCAProjection:
         """Fit the top ``out_dim`` principal components of x.
 
