@@ -131,3 +131,27 @@ def test_compacted_passes_equal_the_masked_lockstep_passes(setup):
     assert compact.thoughts_used.tolist() == lockstep.thoughts_used.tolist()
     for b, used in enumerate(compact.thoughts_used.tolist()):
         torch.testing.assert_close(compact.thoughts[b, :used], lockstep.thoughts[b, :used], rtol=1e-4, atol=1e-5)
+
+
+def test_forward_takes_the_same_controller_and_feeds_what_generation_feeds(setup):
+    model, rows = setup
+    ids, mask = pad(rows, "right")
+    from noblankslate.model.latent import align_prompts
+
+    generated = model.generate(ids, mask, max_new_tokens=2, controller=Nudge(), return_thoughts=True)
+    aligned = align_prompts(ids, mask, model.latent_token_id, model.eos_token_id)  # the forward's layout
+    ids, positions = aligned.input_ids, aligned.position_ids
+    mask = aligned.attention_mask
+    plain = model(ids, mask.clone(), position_ids=positions.clone())
+    out = model(ids, mask.clone(), position_ids=positions.clone(), controller=Nudge())
+    latent = ids == model.latent_token_id
+    assert not torch.allclose(out.inputs_embeds[latent], plain.inputs_embeds[latent])
+    for b, (_, n) in enumerate(ROWS):
+        fed = out.inputs_embeds[b][latent[b]]  # (n, D) the thoughts the forward fed
+        torch.testing.assert_close(fed, generated.thoughts[b, :n], rtol=1e-4, atol=1e-5)
+    # gradients reach the parameters through the controller's output
+    weight = torch.nn.Parameter(torch.tensor(0.5))
+    out = model(ids, mask.clone(), position_ids=positions.clone(),
+                controller=lambda i, t, th: (t * weight, torch.zeros_like(th)))
+    out.logits.sum().backward()
+    assert weight.grad is not None and weight.grad != 0

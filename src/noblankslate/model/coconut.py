@@ -183,7 +183,7 @@ class Coconut(nn.Module):
         each pass the last hidden state becomes the input at the next latent column for the rows that
         still have thoughts; other rows keep their token embedding there.
 
-        A ``controller`` (generation only) sees each thought before it is fed: it may replace it (the
+        A ``controller`` sees each thought before it is fed: it may replace it (the
         memory's nudge) and mark it as a row's last. A row that stops after ``j`` thoughts gets its
         remaining latent slots masked and the positions after them shifted down, so it computes exactly
         what it would alone with ``j`` thoughts, in the same ``j + 1`` passes; ``attention_mask`` and
@@ -339,6 +339,7 @@ class Coconut(nn.Module):
         return_logits: bool = True,
         reduction: str = "mean",
         latent_passes: int | None = None,
+        controller: ThoughtController | None = None,
         **kwargs,
     ) -> Outputs:
         """Multi-pass forward over a batch laid out by the collator.
@@ -352,6 +353,10 @@ class Coconut(nn.Module):
                 weighted by token across micro-batches and ranks.
             latent_passes: run exactly this many thought passes (see ``_latent_passes``); under FSDP
                 the training loop passes the largest latent count over all ranks.
+            controller: the same hook as in :meth:`generate`: it sees every thought before it is fed and
+                may replace it (gradients flow through what it returns). A stop it returns masks the row's
+                remaining latent slots, as in generation, and changes ``attention_mask`` and
+                ``position_ids`` in place.
 
         Returns:
             Outputs(loss, inputs_embeds, logits): next-token cross-entropy over labelled positions
@@ -361,7 +366,8 @@ class Coconut(nn.Module):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         layout = self._layout(input_ids)
         embeds = self.embedding(input_ids)  # (B, L, D)
-        passed = self._latent_passes(embeds, attention_mask, position_ids, layout, passes=latent_passes)
+        passed = self._latent_passes(embeds, attention_mask, position_ids, layout, passes=latent_passes,
+                                     controller=controller)
         hidden, fed = passed.hidden, passed.fed
         if layout.max_count > 0:
             start, end = layout.start, layout.start + layout.max_count
