@@ -143,6 +143,10 @@ def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path,
         assert set(m) >= {"accuracy", "retrieval", "nudge", "exit", "calibration", "index", "time"}
     parts = load_memory(index)
     assert parts.store.info["build"]["epoch"] == 3  # rebuilt at the end of the last epoch
+    m3 = json.loads((run_dir / "retrieval_metrics_epoch_3.json").read_text())
+    retrieved = sum(parts.store.metadata_of(int(i))["retrieved"] for i in parts.store.ids)
+    assert retrieved > 0  # every hit of the two memory evaluations is counted on its entry
+    assert retrieved <= 2 * m3["items"] * 4
     assert {m["added_epoch"] for m in (parts.store.metadata_of(int(i)) for i in parts.store.ids)} == {3}
     assert [r["epoch"] for r in read_metrics(run_dir) if r["event"] == "retrieval"] == [2, 3]
     with pytest.raises(MemoryFileError, match="fingerprint"):
@@ -170,28 +174,39 @@ def test_the_memory_is_never_built_from_the_evaluated_data(tmp_path, tiny_data):
         load_memory_data(config, [])
 
 
-def test_contrastive_training_logs_saves_resumes_and_keys_the_memory(tmp_path, tiny_data):
+def test_contrastive_training_logs_saves_resumes_exactly_and_keys_the_memory(tmp_path, tiny_data):
     index = tmp_path / "index.bin"
-    raw = tiny_config(tmp_path, tiny_data, num_epochs=2, retrieval={"enabled": True, "correct_only": False, "key_dim": 6},
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=4, retrieval={"enabled": True, "correct_only": False, "key_dim": 6},
                       training={"nudge_contrastive": True, "nudge_buffer_batch": 4, "retrieval_buffer_limit": 16},
                       index={"path": str(index)})
     train(config_from_dict(raw), CPU)
     run_dir = tmp_path / "runs" / "tiny"
     steps = [r for r in read_metrics(run_dir) if r["event"] == "step"]
-    assert all("contrastive_loss" not in r for r in steps if r["stage"] == 0)  # stage 0 has no thoughts
-    assert all(r["contrastive_loss"] > 0 for r in steps if r["stage"] == 1)
+    # the trajectory excludes the anchor: stage 0 has no thoughts and stage 1 only the anchor
+    assert all("contrastive_loss" not in r for r in steps if r["stage"] in (0, 1))
+    assert all(r["contrastive_loss"] > 0 for r in steps if r["stage"] >= 2)
     from noblankslate.train.checkpoint import load_checkpoint
 
-    heads = load_checkpoint(run_dir / "checkpoint_2").extra_states["nudge_heads"]
+    heads = load_checkpoint(run_dir / "checkpoint_4").extra_states["nudge_heads"]
     assert heads["key.weight"].shape == (6, 32)
     parts = load_memory(index)
     assert parts.store.key_dim == 6
     anchor = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
     expected = anchor @ heads["key.weight"].numpy().T + heads["key.bias"].numpy()
     np.testing.assert_allclose(parts.key_map(anchor), expected, rtol=1e-5, atol=1e-6)  # the learned key map
-    # a third epoch resumes with the saved heads
-    train(config_from_dict({**raw, "num_epochs": 3}), CPU)
-    assert [r["epoch"] for r in read_metrics(run_dir) if r["event"] == "epoch"] == [1, 2, 3]
+    # resumed after epoch 3 (its buffer holds negatives), the run reaches exactly the uninterrupted run's
+    # weights, heads and buffer
+    short = {**raw, "name": "resumed", "num_epochs": 3}
+    train(config_from_dict(short), CPU)
+    assert load_checkpoint(tmp_path / "runs" / "resumed" / "checkpoint_3").extra_states["nudge_buffer"]["items"].shape[0] > 0
+    train(config_from_dict({**short, "num_epochs": 4}), CPU)
+    a, b = load_checkpoint(run_dir / "checkpoint_4"), load_checkpoint(tmp_path / "runs" / "resumed" / "checkpoint_4")
+    for name in ("nudge_heads", "nudge_buffer"):
+        assert a.extra_states[name].keys() == b.extra_states[name].keys()
+        for key in a.extra_states[name]:
+            assert torch.equal(a.extra_states[name][key], b.extra_states[name][key]), (name, key)
+    for key in a.model_state:
+        assert torch.equal(a.model_state[key], b.model_state[key]), key
 
 
 def test_targets_are_the_softmax_weighted_mean_of_the_hits():

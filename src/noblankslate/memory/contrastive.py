@@ -51,22 +51,38 @@ class TrajectoryBuffer:
         self.items = new if self.items is None else torch.cat([self.items, new])
         self.items = self.items[-self.limit :]
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors only (saved as safetensors with the checkpoint), so a resumed run draws the same negatives."""
+        state = {"generator": self.generator.get_state()}
+        if self.items is not None:
+            state["items"] = self.items.detach().cpu()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor], device: torch.device | None = None) -> None:
+        self.generator.set_state(state["generator"])
+        items = state.get("items")
+        self.items = None if items is None else items.to(device or items.device)
+
 
 def thoughts_of_batch(inputs_embeds: Tensor, input_ids: Tensor, latent_id: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Anchors (N, D), trajectories (N, T, D) and counts (N,) of the rows that hold thoughts.
+    """Anchors (N, D), trajectories (N, T - 1, D) and their counts (N,) of the rows with two or more thoughts.
 
     The forward's ``inputs_embeds`` carries the fed thoughts at the latent columns (aligned by the
-    collator: the same first column in every row); the first thought is the anchor.
+    collator: the same first column in every row). The first thought is the anchor (the key's input); the
+    trajectory is the thoughts after it. The anchor is left out of the trajectory: were it in, the key
+    could find its own example by matching itself, and InfoNCE would be solved without learning anything
+    about other problems (with one thought, the trajectory would be the anchor). Rows with a single
+    thought have no trajectory and are left out.
     """
     is_latent = input_ids == latent_id  # (B, L)
     counts = is_latent.sum(dim=1)  # (B,)
-    rows = counts > 0
+    rows = counts > 1
     if not bool(rows.any()):
         return None
     start = int(is_latent[rows].int().argmax(dim=1).min())
     width = int(counts.max())
-    trajectories = inputs_embeds[rows, start : start + width]  # (N, T, D)
-    return trajectories[:, 0], trajectories, counts[rows]
+    thoughts = inputs_embeds[rows, start : start + width]  # (N, T, D)
+    return thoughts[:, 0], thoughts[:, 1:], counts[rows] - 1
 
 
 def info_nce(keys: Tensor, trajectories: Tensor, negatives: Tensor | None, temperature: float) -> Tensor:

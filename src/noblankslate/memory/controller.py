@@ -119,6 +119,7 @@ class MemoryController:
             keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
         sims, ids = parts.store.search(keys, self.retrieval.k)  # (B, k)
         hits = (ids >= 0) & (sims >= self.retrieval.sim_threshold)  # (B, k)
+        parts.store.update_metadata(np.where(hits, ids, -1), "retrieved", lambda n: n + 1, default=0)
         best = np.where(ids[:, 0] >= 0, sims[:, 0], -np.inf)
         any_hit = hits.any(axis=1)
         confidence = np.where(any_hit, parts.confidence(np.where(np.isfinite(best), best, np.nan)), 0.0)

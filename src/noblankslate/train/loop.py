@@ -165,6 +165,8 @@ class Trainer:
                 if "nudge_heads" not in checkpoint.extra_states:
                     raise ValueError(f"{resume_from}: training.nudge_contrastive is on but the checkpoint has no nudge_heads")
                 self.heads.load_state_dict(checkpoint.extra_states["nudge_heads"])
+                if "nudge_buffer" in checkpoint.extra_states:  # older checkpoints have none: the buffer restarts
+                    self.buffer.load_state_dict(checkpoint.extra_states["nudge_buffer"], device=context.device)
         if context.is_main and self.saving:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
@@ -303,6 +305,10 @@ class Trainer:
         seconds["build"] = built.report.get("seconds", 0.0)
         if not self.context.is_main:
             return None
+        if not config.debug:
+            # the entries' `retrieved` counters (hits in both evaluations; with several processes, the
+            # main process's share of the items) are kept with the memory
+            built.parts.store.save(config.index.path)
         metrics = retrieval_metrics(off, evaluations["full"], evaluations["on"],
                                     {**built.parts.store.stats(), "path": config.index.path, "build": built.report},
                                     seconds, epoch + 1, stage)
@@ -340,7 +346,8 @@ class Trainer:
                 train_state={"epoch": epoch + 1, "stage": stage, "global_step": self.global_step,
                              "best_accuracy": self.best_accuracy},
                 config=self.config, tokenizer=self.setup.tokenizer,
-                extra_states={"nudge_heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}}
+                extra_states={"nudge_heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
+                              "nudge_buffer": self.buffer.state_dict()}
                 if self.heads is not None else None,
             )
         self.context.barrier()
