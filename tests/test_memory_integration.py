@@ -116,7 +116,8 @@ def test_paired_metrics_count_flips_and_false_exits_exactly():
     assert m["exit"]["mean_forward_passes_with_exit"] == 9.25 and m["exit"]["compute_saved"] == pytest.approx(0.075)
     assert m["runs"]["on"] == {"accuracy": 0.5, "mean_generated_tokens": 6.0, "mean_forward_passes": 9.25, "mean_thoughts": 2.25}
     assert m["nudge"]["clip_rate"] == pytest.approx(3 / 9)
-    assert m["calibration"]["brier"] == pytest.approx(((0.8 - 0) ** 2 + (0.9 - 1) ** 2 + (0.7 - 1) ** 2 + 0) / 4)
+    # scored against what the confidence predicts: right with the memory off (off = right, wrong, right, wrong)
+    assert m["calibration"]["brier"] == pytest.approx(((0.8 - 1) ** 2 + (0.9 - 0) ** 2 + (0.7 - 1) ** 2 + 0) / 4)
     assert m["time"]["memory_overhead_per_example"] == pytest.approx(0.1)
     # memory on vs off: item 1 only with, item 0 only without (b = c = 1: p = 1)
     paired = m["paired"]["memory_vs_off"]
@@ -130,7 +131,7 @@ def test_paired_metrics_count_flips_and_false_exits_exactly():
 def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path, tiny_data):
     index = tmp_path / "index" / "faiss_index.bin"
     raw = tiny_config(tmp_path, tiny_data, num_epochs=3, retrieval={"enabled": True, "correct_only": False, "key_dim": 8},
-                      nudge={"exit_threshold": 0.5, "exit_metric": "stability", "calibration": "isotonic"},
+                      nudge={"exit_threshold": 0.5, "exit_metric": "probe", "calibration": "isotonic"},
                       index={"path": str(index)})
     results = train(config_from_dict(raw), CPU)
     run_dir = tmp_path / "runs" / "tiny"
@@ -140,7 +141,11 @@ def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path,
         m = json.loads((run_dir / f"retrieval_metrics_epoch_{epoch}.json").read_text())
         assert m["epoch"] == epoch and m["items"] == 12
         assert m["accuracy"]["without_retrieval"] == results[epoch - 1].evaluation.accuracy
-        assert set(m) >= {"accuracy", "retrieval", "nudge", "exit", "calibration", "index", "time"}
+        assert set(m) >= {"accuracy", "retrieval", "nudge", "exit", "calibration", "index", "time", "paired"}
+        # the thresholded score's calibration on validation: one sample per item and thought
+        calibration = m["exit_calibration"]
+        assert calibration["available"] and calibration["samples"] == 12 * (epoch - 1)  # 1 thought at stage 1, 2 at 2
+        assert 0.0 <= calibration["ece"] <= 1.0 and 0.0 <= calibration["brier"] <= 1.0
     parts = load_memory(index)
     assert parts.store.info["build"]["epoch"] == 3  # rebuilt at the end of the last epoch
     m3 = json.loads((run_dir / "retrieval_metrics_epoch_3.json").read_text())

@@ -115,10 +115,13 @@ def retrieval_metrics(
             "generation_seconds_with_exit": seconds.get("on"),
             "wall_clock_saved": 1.0 - seconds["on"] / seconds["full"] if seconds.get("full") and "on" in seconds else None,
         },
+        # The retrieval confidence is fitted to "the model answers right" with all thoughts and the memory
+        # off (on the build data's held-out part), so it is scored against that event here.
         "calibration": {
-            "ece": expected_calibration_error(confidence, right_on) if n else float("nan"),
-            "brier": brier_score(confidence, right_on) if n else float("nan"),
-            "reliability": reliability_table(confidence, right_on) if n else [],
+            "event": "right without the memory (what the confidence is fitted to)",
+            "ece": expected_calibration_error(confidence, right_off) if n else float("nan"),
+            "brier": brier_score(confidence, right_off) if n else float("nan"),
+            "reliability": reliability_table(confidence, right_off) if n else [],
         },
         "index": index_stats,
         "time": {

@@ -40,15 +40,14 @@ from noblankslate.eval.evaluate import (
     validation_loss,
 )
 from noblankslate.eval.setup import setup_run
-from noblankslate.memory.builder import LinearKeyMap, build_memory
+from noblankslate.memory.builder import LinearKeyMap
 from noblankslate.memory.contrastive import (
     ContrastiveHeads,
     TrajectoryBuffer,
     info_nce,
     thoughts_of_batch,
 )
-from noblankslate.memory.controller import MemoryController
-from noblankslate.memory.metrics import METRICS_FILE, retrieval_metrics
+from noblankslate.memory.evaluation import evaluate_memory
 from noblankslate.model.build import uses_latent_tokens
 from noblankslate.model.weights import read_state_dict
 from noblankslate.train.checkpoint import (
@@ -290,30 +289,11 @@ class Trainer:
         with the plain evaluation ``off``, and write ``retrieval_metrics_epoch_{E}.json``."""
         config = self.config
         with self.parallel.gathered() as model, autocast(config, self.context, self.parallel.kind):
-            built = build_memory(model, self.setup, self.context, lockstep=self.parallel.lockstep, epoch=epoch + 1,
-                                 key_head=self.key_head())
-        seconds = {"off": self.generation_seconds}
-        evaluations = {}
-        memory_seconds = 0.0
-        for name, exit_enabled in (("full", False), ("on", True)):
-            controller = MemoryController(built.parts, config.retrieval, config.nudge, exit_enabled=exit_enabled)
-            started = time.perf_counter()
-            evaluations[name] = self._generate(stage, controller=controller)
-            seconds[name] = time.perf_counter() - started
-            memory_seconds = controller.seconds if name == "on" else memory_seconds
-        seconds["memory"] = memory_seconds
-        seconds["build"] = built.report.get("seconds", 0.0)
-        if not self.context.is_main:
+            metrics, _ = evaluate_memory(model, self.setup, self.context, epoch=epoch + 1, stage=stage, off=off,
+                                         off_seconds=self.generation_seconds, lockstep=self.parallel.lockstep,
+                                         key_head=self.key_head(), metrics_dir=self.run_dir)
+        if metrics is None:
             return None
-        if not config.debug:
-            # the entries' `retrieved` counters (hits in both evaluations; with several processes, the
-            # main process's share of the items) are kept with the memory
-            built.parts.store.save(config.index.path)
-        metrics = retrieval_metrics(off, evaluations["full"], evaluations["on"],
-                                    {**built.parts.store.stats(), "path": config.index.path, "build": built.report},
-                                    seconds, epoch + 1, stage)
-        if not config.debug:
-            _write_json_atomic(self.run_dir / METRICS_FILE.format(epoch=epoch + 1), metrics)
         self.tracker.log({"event": "retrieval", "epoch": epoch + 1,
                           "accuracy_with_retrieval": metrics["accuracy"]["with_retrieval"],
                           "mean_forward_passes_with_exit": metrics["exit"]["mean_forward_passes_with_exit"],
@@ -323,7 +303,8 @@ class Trainer:
         print0(f"memory (epoch {epoch + 1}): {metrics['index']['entries']} entries, accuracy {a['without_retrieval']:.4f} -> "
                f"{a['with_retrieval']:.4f}, passes {e['mean_forward_passes_without_exit']:.2f} -> "
                f"{e['mean_forward_passes_with_exit']:.2f}, false exits {e['false_exits']}, "
-               f"ECE {metrics['calibration']['ece']:.3f}")
+               f"ECE {metrics['calibration']['ece']:.3f}"
+               + (f", exit probe ECE {metrics['exit_calibration']['ece']:.3f}" if metrics["exit_calibration"]["available"] else ""))
         return metrics
 
     def _write_predictions(self, epoch: int, evaluation: GenerationEval) -> None:
@@ -394,13 +375,6 @@ class Trainer:
         loss = "" if result.train_loss is None else f"train loss {result.train_loss:.4f}  val loss {result.val_loss:.4f}  "
         print0(f"epoch {result.epoch} (stage {result.stage}): {loss}accuracy {e.correct}/{e.total} = {e.accuracy:.4f}  "
                f"CoT match {e.cot_match:.4f}  tokens {e.mean_generated_tokens:.1f}  passes {e.mean_forward_passes:.1f}")
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    temporary.replace(path)
 
 
 def summary_table(results: Sequence[EpochResult], variant: str) -> str:

@@ -1,0 +1,127 @@
+"""The memory's evaluation of one model: build, the paired runs, the exit score's calibration, the metrics.
+
+One plain function, called by the training loop at one point of each epoch (and usable by any entry
+point that has a model and its run setup): it rebuilds the memory from the training data, generates the
+validation set with the memory (nudge only, then nudge and exit), paired with the plain run the caller
+already made, and measures how well the thresholded exit score predicts its event on validation. It
+returns the metrics (also written as ``retrieval_metrics_epoch_{E}.json`` when asked) and its timings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from noblankslate.data.curriculum import prompt_view
+from noblankslate.eval.evaluate import GenerationEval, evaluate_generation
+from noblankslate.eval.metrics import (
+    brier_score,
+    expected_calibration_error,
+    reliability_table,
+)
+from noblankslate.eval.setup import RunSetup
+from noblankslate.memory.builder import LinearKeyMap, build_memory, with_thoughts
+from noblankslate.memory.controller import MemoryController, MemoryParts
+from noblankslate.memory.metrics import METRICS_FILE, retrieval_metrics
+from noblankslate.model.coconut import Coconut
+from noblankslate.train.distributed import DistributedContext
+
+
+def exit_calibration(model: Coconut, setup: RunSetup, parts: MemoryParts, stage: int,
+                     generate: Callable[..., GenerationEval]) -> dict[str, Any]:
+    """ECE, Brier and reliability of the exit probe on validation, against the event it predicts.
+
+    The probe scores thought j (as fed without the memory) with the probability that the answer is right
+    if thinking ends after it, i.e. after j + 1 thoughts. Here every validation item is generated with
+    1, 2, ..., T thoughts (memory off), and each (thought j, right after j + 1 thoughts) pair of every
+    item is one sample: the same event the probe was fitted to on the build split.
+    """
+    if parts.probe is None:
+        return {"metric": "probe", "available": False}
+    spec = setup.spec
+    prompts = prompt_view(setup.val_tokens, stage, spec)
+    full = generate(prompts, keep_thoughts=True).predictions  # every thought, memory off
+    most = max((len(r["thoughts"]) for r in full), default=0)
+    right_after = {j: {r["idx"]: r["correct"] for r in generate([with_thoughts(f, j, spec.latent_id) for f in prompts]).predictions}
+                   for j in range(1, most)}
+    scores, events = [], []
+    for record in full:
+        thoughts = torch.as_tensor(record["thoughts"])  # (n, D)
+        if len(thoughts) == 0:
+            continue
+        probability = parts.probe.probability(thoughts).float().cpu().numpy()  # (n,)
+        for j in range(len(thoughts)):
+            scores.append(float(probability[j]))
+            events.append(bool(record["correct"]) if j + 1 == len(thoughts) else bool(right_after[j + 1][record["idx"]]))
+    if not scores:
+        return {"metric": "probe", "available": False}
+    scores_np, events_np = np.array(scores), np.array(events)
+    return {"metric": "probe", "available": True, "samples": len(scores),
+            "event": "right after thinking ends at the scored thought (memory off)",
+            "ece": expected_calibration_error(scores_np, events_np), "brier": brier_score(scores_np, events_np),
+            "reliability": reliability_table(scores_np, events_np)}
+
+
+def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext, *, epoch: int, stage: int,
+                    off: GenerationEval, off_seconds: float, lockstep: bool = False,
+                    key_head: LinearKeyMap | None = None, metrics_dir: str | Path | None = None,
+                    generate: Callable[..., GenerationEval] | None = None) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """Build the memory with ``model`` and evaluate with it, paired with the plain run ``off``.
+
+    Args:
+        model: the unwrapped (gathered) model; every rank calls this.
+        epoch: 1-based, for the file name and the entries' ``added_epoch``.
+        off, off_seconds: the plain evaluation of this model on the validation set and its time.
+        metrics_dir: where to write ``retrieval_metrics_epoch_{E}.json`` (None: not written).
+        generate: ``generate(prompts, controller=None, keep_thoughts=False)`` -> GenerationEval; the
+            default evaluates ``setup.val`` with the config's batch size and token budget.
+
+    Returns:
+        The metrics (None on ranks other than the main one) and the seconds of each part.
+    """
+    config = setup.config
+    if generate is None:
+        def generate(prompts, controller=None, keep_thoughts=False):
+            return evaluate_generation(model, setup.tokenizer, setup.val, prompts, setup.collate,
+                                       batch_size=config.batch_size_eval or config.batch_size_training,
+                                       max_new_tokens=config.resolved_max_new_tokens, context=context,
+                                       lockstep=lockstep, controller=controller, keep_thoughts=keep_thoughts)
+    built = build_memory(model, setup, context, lockstep=lockstep, epoch=epoch, key_head=key_head)
+    prompts = prompt_view(setup.val_tokens, stage, setup.spec)
+    seconds = {"off": off_seconds, "build": built.report.get("seconds", 0.0)}
+    evaluations = {}
+    for name, exit_enabled in (("full", False), ("on", True)):
+        controller = MemoryController(built.parts, config.retrieval, config.nudge, exit_enabled=exit_enabled)
+        started = time.perf_counter()
+        evaluations[name] = generate(prompts, controller=controller)
+        seconds[name] = time.perf_counter() - started
+        if name == "on":
+            seconds["memory"] = controller.seconds
+    started = time.perf_counter()
+    exit_scores = exit_calibration(model, setup, built.parts, stage, generate) if config.nudge.exit_metric == "probe" \
+        else {"metric": config.nudge.exit_metric, "available": False,
+              "why": "only the probe's score is a probability; the training-free scores have no calibration"}
+    seconds["exit_calibration"] = time.perf_counter() - started
+    if not context.is_main:
+        return None, seconds
+    if not config.debug:
+        # the entries' `retrieved` counters (hits in both memory runs; with several processes, the main
+        # process's share of the items) are kept with the memory
+        built.parts.store.save(config.index.path)
+    metrics = retrieval_metrics(off, evaluations["full"], evaluations["on"],
+                                {**built.parts.store.stats(), "path": config.index.path, "build": built.report},
+                                seconds, epoch, stage)
+    metrics["exit_calibration"] = exit_scores
+    if metrics_dir is not None and not config.debug:
+        path = Path(metrics_dir) / METRICS_FILE.format(epoch=epoch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+        temporary.replace(path)
+    return metrics, seconds
