@@ -260,3 +260,28 @@ def test_memory_build_command_and_the_shared_setup(tmp_path, tiny_data, capsys):
     assert main(["memory", "build", str(config_file), f"load_model_path={checkpoint}", f"index.path={index}",
                  "training.nudge_contrastive=true"]) == 2
     assert "nudge_heads.safetensors does not exist" in capsys.readouterr().err
+
+
+def test_memory_sweep_tunes_on_training_data_and_reports_controls_on_validation(tmp_path, tiny_data):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=3, retrieval={"correct_only": False},
+                      index={"path": str(tmp_path / "sweep" / "index.bin")})
+    train(config_from_dict(raw), CPU)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(json.dumps(raw))
+    out = tmp_path / "sweep.json"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "memory_sweep.py"
+    done = subprocess.run([sys.executable, str(tool), str(config_file), "--checkpoint", str(tmp_path / "runs" / "tiny" / "checkpoint_3"),
+                           "--tune", "12", "--alphas", "0", "0.5", "--thresholds", "off", "0.5", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["tune_examples"] == 12 and len(result["tuning"]) == 4
+    assert all(m["split"] == "tune" and m["items"] == 12 for m in result["tuning"])
+    assert set(result["validation"]) == {"chosen", "control: random entries", "control: shuffled neighbours",
+                                         "control: full replacement"}
+    assert all(m["split"] == "valid" and m["items"] == 12 for m in result["validation"].values())
+    assert "<- chosen" in done.stdout and done.stdout.count("\nvalid ") >= 4

@@ -1,12 +1,21 @@
-"""Sweep the memory's settings on a trained model: paired accuracy, forward passes, false exits, ECE, Brier.
+"""Choose the memory's settings on a tuning split, then report them and the controls on validation.
 
-    python tools/memory_sweep.py CONFIG --checkpoint RUN/checkpoint_N [--alphas 0 0.1 0.3 0.5]
-        [--thresholds off 0.9 0.95 0.99] [--metrics probe stability neighbors] [--out sweep.json] [key=value ...]
+    python tools/memory_sweep.py CONFIG --checkpoint RUN/checkpoint_N [--tune 300] [--alphas 0 0.1 0.3 0.5]
+        [--thresholds off 0.9 0.95 0.99] [--metrics probe stability neighbors] [--temperatures 1 0.05]
+        [--max-loss 0.005] [--out sweep.json] [key=value ...]
 
-The memory is built once from the training data (``retrieval.build_from`` or ``train_path``) with the
-checkpoint's model; every setting is then evaluated on ``val_path`` at the final stage, paired with the
-same items' plain evaluation (retrieval off). For each setting: accuracy off/on and flips, mean forward
-passes without and with exit, false exits, and the ECE and Brier score of the retrieval confidence.
+1. ``--tune`` examples are drawn (seeded) from the memory's training data (``retrieval.build_from`` or
+   ``train_path``) and held out of the memory, which is built once from the rest with the checkpoint's
+   model.
+2. Every setting (alpha_max x temperature x exit metric x threshold) is evaluated on the tuning split,
+   paired with the plain model there. The chosen setting has the fewest mean forward passes among those
+   whose tuning accuracy is at least the plain model's minus ``--max-loss`` (ties: higher accuracy); if
+   no exit qualifies, the best-accuracy setting without exit.
+3. On ``val_path`` only the chosen setting is evaluated (never chosen there), with the paired statistics,
+   the exit probe's calibration, and three controls at the chosen alpha: a memory of random entries with
+   the real norms, shuffled neighbours, and full replacement (alpha 1, no norm matching).
+
+Every printed row says which split its numbers come from.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 import sys
 import time
 
+import numpy as np
 import torch
 
 from noblankslate.config import load_config
@@ -25,18 +35,42 @@ from noblankslate.eval.evaluate import evaluate_generation
 from noblankslate.eval.setup import setup_run
 from noblankslate.memory.builder import build_memory, saved_key_head
 from noblankslate.memory.controller import MemoryController
+from noblankslate.memory.controls import ShuffledNeighbours, full_replacement, random_memory
+from noblankslate.memory.evaluation import exit_calibration
 from noblankslate.memory.metrics import retrieval_metrics
 from noblankslate.train.distributed import distributed_context, print0
+
+
+def choose(results: list[dict], max_loss: float) -> dict:
+    """The setting with the fewest passes within ``max_loss`` of the plain accuracy (see the module doc)."""
+    allowed = [r for r in results if r["setting"]["exit_threshold"] is not None
+               and r["accuracy"]["difference"] >= -max_loss]
+    if allowed:
+        return min(allowed, key=lambda r: (r["exit"]["mean_forward_passes_with_exit"], -r["accuracy"]["with_retrieval"]))
+    no_exit = [r for r in results if r["setting"]["exit_threshold"] is None]
+    return max(no_exit, key=lambda r: r["accuracy"]["with_retrieval"])
+
+
+def _line(split: str, name: str, m: dict) -> str:
+    a, e, p = m["accuracy"], m["exit"], m["paired"]["memory_vs_off"]
+    low, high = p["ci95"]
+    return (f"{split:<6} {name:<34} {a['without_retrieval']:>7.4f} {a['with_retrieval']:>7.4f} "
+            f"{100 * a['difference']:>+6.1f} [{100 * low:+5.1f},{100 * high:+5.1f}] {p['only_first']:>4}/{p['only_second']:<4} "
+            f"{p['p_value']:>7.3g} {e['mean_forward_passes_without_exit']:>7.2f} {e['mean_forward_passes_with_exit']:>7.2f} "
+            f"{e['false_exits']:>5} {m['calibration']['ece']:>6.3f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--checkpoint", required=True, help="the trained model (a checkpoint folder)")
+    parser.add_argument("--tune", type=int, default=300, help="tuning examples held out of the memory's data")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.5])
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
     parser.add_argument("--thresholds", nargs="+", default=["off", "0.9", "0.95", "0.99"])
     parser.add_argument("--metrics", nargs="+", default=["probe"], choices=["probe", "stability", "neighbors"])
-    parser.add_argument("--out", help="write every setting's full metrics here (JSON)")
+    parser.add_argument("--max-loss", type=float, default=0.005, help="accuracy an exit may lose on the tuning split")
+    parser.add_argument("--out", help="write every result (tuning and validation) here (JSON)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -45,58 +79,106 @@ def main() -> int:
 
     config = load_config(args.config, [*args.overrides, f"load_model_path={args.checkpoint}", "only_eval=true",
                                        "retrieval.enabled=true"])
-    rows, everything = [], []
     with distributed_context() as context:
         setup = setup_run(config)
         stage = config.max_latent_stage + 1
         model = setup.model.to(context.device)
+        order = np.random.default_rng(config.seed + 7).permutation(len(setup.memory_examples))
+        if args.tune >= len(order):
+            raise SystemExit(f"--tune {args.tune} leaves no example to build the memory from ({len(order)} in all)")
+        tune_rows, build_rows = sorted(order[: args.tune].tolist()), sorted(order[args.tune :].tolist())
+        tune = [setup.memory_examples[i] for i in tune_rows]
+        tune_tokens = [setup.memory_tokens[i] for i in tune_rows]
+        build_setup = dataclasses.replace(setup, memory_examples=[setup.memory_examples[i] for i in build_rows],
+                                          memory_tokens=[setup.memory_tokens[i] for i in build_rows])
         started = time.perf_counter()
-        built = build_memory(model, setup, context, key_head=saved_key_head(config))
+        built = build_memory(model, build_setup, context, key_head=saved_key_head(config))
         print0(f"memory: {len(built.parts.store)} entries from {built.report['examples']} training examples "
-               f"({time.perf_counter() - started:.0f} s); build report {json.dumps(built.report)}")
-        prompts = prompt_view(setup.val_tokens, stage, setup.spec)
+               f"({time.perf_counter() - started:.0f} s); {len(tune)} training examples held out for tuning")
 
-        def evaluate(controller=None):
-            began = time.perf_counter()
-            result = evaluate_generation(model, setup.tokenizer, setup.val, prompts, setup.collate,
-                                         batch_size=config.batch_size_eval or config.batch_size_training,
-                                         max_new_tokens=config.resolved_max_new_tokens, context=context,
-                                         controller=controller)
-            return result, time.perf_counter() - began
+        def evaluator(examples, tokens):
+            prompts = prompt_view(tokens, stage, setup.spec)
 
-        off, off_seconds = evaluate()
-        for alpha in args.alphas:
-            nudge = dataclasses.replace(config.nudge, alpha_max=alpha, exit_threshold=None)
-            full, full_seconds = evaluate(MemoryController(built.parts, config.retrieval, nudge))
-            for metric in args.metrics:
-                for threshold in args.thresholds:
-                    if threshold == "off" and metric != args.metrics[0]:
-                        continue
-                    exit_threshold = None if threshold == "off" else float(threshold)
-                    setting = dataclasses.replace(nudge, exit_threshold=exit_threshold, exit_metric=metric)
-                    if exit_threshold is None:
-                        on, on_seconds = full, full_seconds
-                    else:
-                        on, on_seconds = evaluate(MemoryController(built.parts, config.retrieval, setting))
-                    m = retrieval_metrics(off, full, on, built.parts.store.stats(),
-                                          {"off": off_seconds, "full": full_seconds, "on": on_seconds}, 0, stage)
-                    m["setting"] = {"alpha_max": alpha, "exit_threshold": exit_threshold, "exit_metric": metric}
-                    everything.append(m)
-                    rows.append((alpha, metric if exit_threshold is not None else "-", threshold, m))
+            def run(controller=None, features=None, keep_thoughts=False):
+                began = time.perf_counter()
+                result = evaluate_generation(model, setup.tokenizer, examples, features or prompts, setup.collate,
+                                             batch_size=config.batch_size_eval or config.batch_size_training,
+                                             max_new_tokens=config.resolved_max_new_tokens, context=context,
+                                             controller=controller, keep_thoughts=keep_thoughts)
+                return result, time.perf_counter() - began
+            return run
+
+        def compare(run, off, parts, nudge):
+            full, full_seconds = run(MemoryController(parts, retrieval, dataclasses.replace(nudge, exit_threshold=None)))
+            on, on_seconds = (full, full_seconds) if nudge.exit_threshold is None else \
+                run(MemoryController(parts, retrieval, nudge))
+            return retrieval_metrics(off[0], full, on, parts.store.stats(),
+                                     {"off": off[1], "full": full_seconds, "on": on_seconds}, 0, stage)
+
+        results = []
+        tune_run = evaluator(tune, tune_tokens)
+        tune_off = tune_run()
+        for temperature in args.temperatures:
+            retrieval = dataclasses.replace(config.retrieval, temperature=temperature)
+            for alpha in args.alphas:
+                for metric in args.metrics:
+                    for threshold in args.thresholds:
+                        if threshold == "off" and metric != args.metrics[0]:
+                            continue
+                        nudge = dataclasses.replace(config.nudge, alpha_max=alpha, exit_metric=metric,
+                                                    exit_threshold=None if threshold == "off" else float(threshold))
+                        m = compare(tune_run, tune_off, built.parts, nudge)
+                        m["split"] = "tune"
+                        m["setting"] = {"alpha_max": alpha, "temperature": temperature, "exit_metric": metric,
+                                        "exit_threshold": nudge.exit_threshold}
+                        results.append(m)
+        chosen = choose(results, args.max_loss)
+        setting = chosen["setting"]
+        retrieval = dataclasses.replace(config.retrieval, temperature=setting["temperature"])
+        nudge = dataclasses.replace(config.nudge, alpha_max=setting["alpha_max"], exit_metric=setting["exit_metric"],
+                                    exit_threshold=setting["exit_threshold"])
+
+        val_run = evaluator(setup.val, setup.val_tokens)
+        val_off = val_run()
+        report = {"chosen": compare(val_run, val_off, built.parts, nudge)}
+        plain_nudge = dataclasses.replace(nudge, exit_threshold=None)
+        report["control: random entries"] = compare(val_run, val_off, random_memory(built.parts, seed=config.seed),
+                                                    plain_nudge)
+        shuffled = ShuffledNeighbours(built.parts, retrieval, plain_nudge, seed=config.seed)
+        shuffled_eval, shuffled_seconds = val_run(shuffled)
+        report["control: shuffled neighbours"] = retrieval_metrics(
+            val_off[0], shuffled_eval, shuffled_eval, built.parts.store.stats(),
+            {"off": val_off[1], "full": shuffled_seconds, "on": shuffled_seconds}, 0, stage)
+        replaced_parts, replaced_nudge = full_replacement(built.parts, nudge)
+        report["control: full replacement"] = compare(val_run, val_off, replaced_parts, replaced_nudge)
+        for m in report.values():
+            m["split"] = "valid"
+
+        def generate_val(features, controller=None, keep_thoughts=False):
+            return val_run(controller, features, keep_thoughts)[0]
+
+        calibration = exit_calibration(model, setup, built.parts, stage, generate_val)
     if not context.is_main:
         return 0
-    header = (f"{'alpha':>6} {'exit':>10} {'thr':>5} {'acc off':>8} {'acc on':>7} {'w>r':>4} {'r>w':>4} "
-              f"{'passes':>7} {'w/ exit':>8} {'saved':>6} {'false ex':>8} {'ECE':>6} {'Brier':>6}")
+    header = (f"{'split':<6} {'setting':<34} {'acc off':>7} {'acc on':>7} {'diff [95% CI]':>20} {'b/c':>9} "
+              f"{'McNemar':>7} {'passes':>7} {'w/ exit':>7} {'false':>5} {'ECE':>6}")
     print(header)
-    for alpha, metric, threshold, m in rows:
-        a, e, c = m["accuracy"], m["exit"], m["calibration"]
-        print(f"{alpha:>6.2f} {metric:>10} {threshold:>5} {a['without_retrieval']:>8.4f} {a['with_retrieval']:>7.4f} "
-              f"{a['flips_wrong_to_right']:>4} {a['flips_right_to_wrong']:>4} {e['mean_forward_passes_without_exit']:>7.2f} "
-              f"{e['mean_forward_passes_with_exit']:>8.2f} {100 * (1 - e['mean_forward_passes_with_exit'] / e['mean_forward_passes_without_retrieval']):>5.1f}% "
-              f"{e['false_exits']:>8} {c['ece']:>6.3f} {c['brier']:>6.3f}")
+    for m in results:
+        s = m["setting"]
+        name = (f"a={s['alpha_max']:g} T={s['temperature']:g} "
+                + (f"{s['exit_metric']}>={s['exit_threshold']:g}" if s["exit_threshold"] is not None else "no exit"))
+        print(_line("tune", name + (" <- chosen" if m is chosen else ""), m))
+    for name, m in report.items():
+        print(_line("valid", name, m))
+    if calibration.get("available"):
+        print(f"valid  exit probe calibration: ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f} "
+              f"({calibration['samples']} item x thought samples)")
+    print("acc off / on: plain model / with the memory on the same items; diff = on - off; b/c = items right only "
+          "with / only without the memory; ECE: retrieval confidence vs right without the memory.")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(everything, f, indent=1)
+            json.dump({"tuning": results, "chosen_setting": setting, "validation": report,
+                       "exit_calibration": calibration, "tune_examples": len(tune)}, f, indent=1)
     return 0
 
 
