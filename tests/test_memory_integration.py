@@ -146,6 +146,9 @@ def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path,
         calibration = m["exit_calibration"]
         assert calibration["available"] and calibration["samples"] == 12 * (epoch - 1)  # 1 thought at stage 1, 2 at 2
         assert 0.0 <= calibration["ece"] <= 1.0 and 0.0 <= calibration["brier"] <= 1.0
+        fixed = calibration["threshold_curve"][-1]  # every thought used: the plain evaluation itself
+        assert fixed["threshold"] is None and fixed["exit_rate"] == 0.0 and fixed["mean_thoughts"] == epoch - 1
+        assert fixed["accuracy"] == m["accuracy"]["without_retrieval"]
     parts = load_memory(index)
     assert parts.store.info["build"]["epoch"] == 3  # rebuilt at the end of the last epoch
     m3 = json.loads((run_dir / "retrieval_metrics_epoch_3.json").read_text())
@@ -160,6 +163,8 @@ def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path,
     assert report["epochs"] == [] and report["stats"]["entries"] == len(parts.store)
     report = build_report(index, run_dir)
     assert [e["epoch"] for e in report["epochs"]] == [2, 3] and "per epoch" in format_report(report)
+    from noblankslate.memory.report import plot_report
+    assert plot_report(report, tmp_path / "report.png").stat().st_size > 0
     assert find_metrics(index, None)[0] is None
 
 
@@ -285,3 +290,16 @@ def test_memory_sweep_tunes_on_training_data_and_reports_controls_on_validation(
                                          "control: full replacement"}
     assert all(m["split"] == "valid" and m["items"] == 12 for m in result["validation"].values())
     assert "<- chosen" in done.stdout and done.stdout.count("\nvalid ") >= 4
+
+
+def test_threshold_curve_on_a_hand_made_case():
+    from noblankslate.memory.evaluation import threshold_curve
+
+    # item A: scores 0.95, 0.2, right after 1 thought: no, after 2: yes, after 3: yes
+    # item B: scores 0.6, 0.97, right after 1: yes, after 2: yes, after 3: no
+    items = [(np.array([0.95, 0.2, 0.1]), [False, True, True]), (np.array([0.6, 0.97, 0.0]), [True, True, False])]
+    curve = {p["threshold"]: p for p in threshold_curve(items)}
+    assert curve[None] == {"threshold": None, "accuracy": 0.5, "mean_thoughts": 3.0, "exit_rate": 0.0}
+    assert curve[0.9] == {"threshold": 0.9, "accuracy": 0.5, "mean_thoughts": 1.5, "exit_rate": 1.0}  # A at 1, B at 2
+    assert curve[0.5] == {"threshold": 0.5, "accuracy": 0.5, "mean_thoughts": 1.0, "exit_rate": 1.0}
+    assert curve[0.99] == curve[None] | {"threshold": 0.99}

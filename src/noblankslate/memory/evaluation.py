@@ -51,21 +51,46 @@ def exit_calibration(model: Coconut, setup: RunSetup, parts: MemoryParts, stage:
     right_after = {j: {r["idx"]: r["correct"] for r in generate([with_thoughts(f, j, spec.latent_id) for f in prompts]).predictions}
                    for j in range(1, most)}
     scores, events = [], []
+    per_item = []  # (scores of thoughts 0..n-1, right after 1..n thoughts)
     for record in full:
         thoughts = torch.as_tensor(record["thoughts"])  # (n, D)
         if len(thoughts) == 0:
             continue
         probability = parts.probe.probability(thoughts).float().cpu().numpy()  # (n,)
-        for j in range(len(thoughts)):
-            scores.append(float(probability[j]))
-            events.append(bool(record["correct"]) if j + 1 == len(thoughts) else bool(right_after[j + 1][record["idx"]]))
+        right = [bool(record["correct"]) if j + 1 == len(thoughts) else bool(right_after[j + 1][record["idx"]])
+                 for j in range(len(thoughts))]
+        scores += probability.tolist()
+        events += right
+        per_item.append((probability, right))
     if not scores:
         return {"metric": "probe", "available": False}
     scores_np, events_np = np.array(scores), np.array(events)
     return {"metric": "probe", "available": True, "samples": len(scores),
             "event": "right after thinking ends at the scored thought (memory off)",
             "ece": expected_calibration_error(scores_np, events_np), "brier": brier_score(scores_np, events_np),
-            "reliability": reliability_table(scores_np, events_np)}
+            "reliability": reliability_table(scores_np, events_np), "threshold_curve": threshold_curve(per_item)}
+
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
+
+
+def threshold_curve(per_item: list[tuple[np.ndarray, list[bool]]]) -> list[dict[str, Any]]:
+    """Accuracy and thoughts used as the exit threshold moves, from each item's per-thought probe scores
+    and its correctness after each number of thoughts (the probe's exit on the plain model, memory off).
+
+    The last point (threshold None) is fixed-length Coconut: every thought is used.
+    """
+    curve = []
+    for threshold in (*THRESHOLDS, None):
+        right, used = [], []
+        for score, correct in per_item:
+            n = len(correct)
+            stop = next((j for j in range(n - 1) if threshold is not None and score[j] >= threshold), n - 1)
+            right.append(correct[stop])
+            used.append(stop + 1)
+        curve.append({"threshold": threshold, "accuracy": float(np.mean(right)), "mean_thoughts": float(np.mean(used)),
+                      "exit_rate": float(np.mean([u < len(c) for u, (_, c) in zip(used, per_item)]))})
+    return curve
 
 
 def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext, *, epoch: int, stage: int,

@@ -29,6 +29,13 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def _histogram(values: list[float], bins: int = 20) -> dict[str, list]:
+    if not values:
+        return {"edges": [], "counts": []}
+    counts, edges = np.histogram(values, bins=bins)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
 def retrieval_metrics(
     off: GenerationEval,
     full: GenerationEval,
@@ -94,6 +101,7 @@ def retrieval_metrics(
             # The spread says whether similarity separates problems (all near 1: it does not).
             "best_similarity_quantiles": ({str(q): float(np.quantile(best, q / 100)) for q in (5, 25, 50, 75, 95)}
                                           if best else {}),
+            "best_similarity_histogram": _histogram(best),
         },
         "nudge": {
             "applied_rate": len(nudged) / n if n else 0.0,

@@ -52,9 +52,9 @@ def build_report(index_path: str | Path, metrics_dir: str | Path | None = None) 
     store = LatentMemory.load(index_path)
     stats = store.stats()
     folder, files = find_metrics(index_path, Path(metrics_dir) if metrics_dir else None)
-    epochs = []
+    epochs, last = [], None
     for epoch, path in files:
-        m = json.loads(path.read_text(encoding="utf-8"))
+        m = last = json.loads(path.read_text(encoding="utf-8"))
         epochs.append({
             "epoch": epoch, "accuracy_off": m["accuracy"]["without_retrieval"], "accuracy_on": m["accuracy"]["with_retrieval"],
             "ece": m["calibration"]["ece"], "brier": m["calibration"]["brier"], "false_exits": m["exit"]["false_exits"],
@@ -63,7 +63,7 @@ def build_report(index_path: str | Path, metrics_dir: str | Path | None = None) 
         })
     return {"index": str(index_path), "stats": stats, "bytes_per_entry": store.bytes_per_entry(),
             "anchor_similarity": anchor_similarities(store), "build": store.info.get("build", {}),
-            "metrics_dir": str(folder) if folder else None, "epochs": epochs}
+            "metrics_dir": str(folder) if folder else None, "epochs": epochs, "last_epoch_metrics": last}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -91,7 +91,10 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any], out: str | Path) -> Path:
-    """Per-epoch figures: accuracy off/on, forward passes with/without exit, ECE/Brier, index size."""
+    """Top: per-epoch accuracy off/on, forward passes with/without exit, ECE/Brier, index size. Bottom, from
+    the last evaluated epoch (so one epoch already says something): reliability of the retrieval confidence
+    and of the exit probe, accuracy against thoughts used as the exit threshold moves (with the
+    fixed-length point), and the distribution of the best similarities."""
     import matplotlib.pyplot as plt
 
     from noblankslate.eval.plots import save_figure  # sets the Agg backend
@@ -100,15 +103,42 @@ def plot_report(report: dict[str, Any], out: str | Path) -> Path:
     if not epochs:
         raise ValueError("no per-epoch retrieval metrics to plot")
     x = [e["epoch"] for e in epochs]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7.2))
     panels = [("accuracy", [("accuracy_off", "retrieval off"), ("accuracy_on", "retrieval on")]),
               ("mean forward passes", [("passes_without_exit", "without exit"), ("passes_with_exit", "with exit")]),
               ("calibration", [("ece", "ECE"), ("brier", "Brier")]),
               ("index size", [("index_size", "entries")])]
-    for ax, (title, series) in zip(axes, panels):
+    for ax, (title, series) in zip(axes[0], panels):
         for key, label in series:
             ax.plot(x, [e[key] for e in epochs], marker="o", label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend()
+    last = report.get("last_epoch_metrics") or {}
+    reliability, curve, histogram, spare = axes[1]
+    reliability.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    exit_scores = last.get("exit_calibration") or {}
+    for name, table in (("retrieval confidence", (last.get("calibration") or {}).get("reliability")),
+                        ("exit probe", exit_scores.get("reliability"))):
+        points = [(r["mean_confidence"], r["accuracy"]) for r in table or [] if r["count"]]
+        if points:
+            reliability.plot(*zip(*points), marker="o", label=name)
+    reliability.set(title=f"reliability (epoch {x[-1]})", xlabel="predicted", ylabel="observed", xlim=(0, 1), ylim=(0, 1))
+    reliability.legend(fontsize=8)
+    points = exit_scores.get("threshold_curve") or []
+    if points:
+        moving = [p for p in points if p["threshold"] is not None]
+        curve.plot([p["mean_thoughts"] for p in moving], [p["accuracy"] for p in moving], marker=".", label="probe exit")
+        for p in moving[::2]:
+            curve.annotate(f"{p['threshold']:g}", (p["mean_thoughts"], p["accuracy"]), fontsize=7)
+        fixed = points[-1]
+        curve.scatter([fixed["mean_thoughts"]], [fixed["accuracy"]], color="black", zorder=3, label="fixed length")
+        curve.legend(fontsize=8)
+    curve.set(title="accuracy vs thoughts as the threshold moves", xlabel="mean thoughts used", ylabel="accuracy")
+    hist = (last.get("retrieval") or {}).get("best_similarity_histogram") or {}
+    if hist.get("counts"):
+        edges = hist["edges"]
+        histogram.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge")
+    histogram.set(title="best similarity of each question", xlabel="similarity", ylabel="questions")
+    spare.axis("off")
     return save_figure(fig, out)
