@@ -159,3 +159,21 @@ def test_cosine_schedule_is_applied_per_step(tmp_path, tiny_data):
     assert lrs[:2] == [pytest.approx(5e-4), pytest.approx(1e-3)]
     assert lrs[2] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 9 / 10)))
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_the_optimizer_is_renewed_only_when_the_training_data_changes(tmp_path, tiny_data, monkeypatch):
+    from noblankslate.train import loop
+
+    renewed = []
+    original = loop.Trainer._new_optimizer
+
+    def counting(self):
+        renewed.append(getattr(self, "_epoch_marker", None))
+        return original(self)
+
+    monkeypatch.setattr(loop.Trainer, "_new_optimizer", counting)
+    monkeypatch.setattr(loop.Trainer, "train_epoch", lambda self, epoch, stage: setattr(self, "_epoch_marker", epoch + 1) or 0.0)
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=5, max_latent_stage=1, reset_optimizer=True)
+    loop.Trainer(config_from_dict(raw), CPU).run()
+    # stages 0, 1, 2, 3, 4; the data's stages 0, 1, 2, 2, 2: renewed before epochs 2 and 3 only (plus the first)
+    assert renewed == [None, 1, 2]

@@ -98,6 +98,12 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def data_stage(config: Config, stage: int) -> int:
+    """The stage as the training data sees it: every stage past ``max_latent_stage`` removes all steps and
+    builds the same sequences, so those stages are one (the optimizer is renewed only when this changes)."""
+    return min(stage, config.max_latent_stage + 1)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -342,7 +348,7 @@ class Trainer:
             stage = scheduled_stage(config, epoch)
             train_loss = None
             if not config.only_eval:
-                if config.reset_optimizer and epoch > 0 and stage != scheduled_stage(config, epoch - 1):
+                if config.reset_optimizer and epoch > 0 and data_stage(config, stage) != data_stage(config, scheduled_stage(config, epoch - 1)):
                     self.optimizer = self._new_optimizer()
                 train_loss = self.train_epoch(epoch, stage)
             val_loss, evaluation = self.evaluate(epoch, stage)
