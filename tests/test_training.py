@@ -177,3 +177,24 @@ def test_the_optimizer_is_renewed_only_when_the_training_data_changes(tmp_path, 
     loop.Trainer(config_from_dict(raw), CPU).run()
     # stages 0, 1, 2, 3, 4; the data's stages 0, 1, 2, 2, 2: renewed before epochs 2 and 3 only (plus the first)
     assert renewed == [None, 1, 2]
+
+
+def test_a_diverging_run_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, capsys):
+    import yaml
+
+    from noblankslate.cli import main
+    from noblankslate.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=3)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(config_file), "num_epochs=1"]) == 0  # one good epoch first
+    # then the same run, resumed with an lr that blows up: it must stop, exit 1, and save nothing
+    assert main(["train", str(config_file), "lr=1e12"]) == 1
+    err = capsys.readouterr().err
+    assert "training stopped: epoch 2, step" in err and "the loss is" in err and "checkpoint_1" in err
+    run_dir = tmp_path / "runs" / "tiny"
+    assert latest_checkpoint(run_dir).name == "checkpoint_1"
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(run_dir / "checkpoint_1").model_state.values())
+    assert main(["train", str(config_file), "lr=.inf"]) == 2
+    assert "lr must be a finite number" in capsys.readouterr().err

@@ -350,6 +350,9 @@ def _check_range(config: Config) -> None:
     for key in _POSITIVE:
         if not getattr(config, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(config, key)!r}")
+    for key in ("lr", "weight_decay"):
+        if not math.isfinite(getattr(config, key)):
+            raise ConfigError(f"{key} must be a finite number, got {getattr(config, key)!r}")
     if not 0.0 <= config.uniform_prob <= 1.0:
         raise ConfigError(f"uniform_prob must be in [0, 1], got {config.uniform_prob!r}")
     if config.max_new_tokens is not None and config.max_new_tokens < 1:

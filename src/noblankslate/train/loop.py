@@ -64,6 +64,10 @@ from noblankslate.train.track import Tracker
 PREDICTIONS_FILE = "predictions_epoch_{epoch}.jsonl"
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: training stops before the update, keeping the last good checkpoint."""
+
+
 @dataclass
 class EpochResult:
     epoch: int
@@ -244,10 +248,18 @@ class Trainer:
                                             self.config.warmup_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            # Reduced before the step, so that every rank sees a non-finite loss and none applies its update.
+            reduced = self.context.all_reduce_sum([step_loss, tokens / self.context.world_size])
+            if not math.isfinite(float(reduced[0])):
+                bar.close()
+                last = latest_checkpoint(self.run_dir)
+                raise TrainingDiverged(
+                    f"epoch {epoch + 1}, step {self.global_step + 1}: the loss is {float(reduced[0])} (lr {lr:g}); stopped "
+                    f"before the update. The last good checkpoint is {last or 'none (nothing was saved yet)'}; lower lr "
+                    "and run again (a run started in this folder resumes from that checkpoint)")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
-            reduced = self.context.all_reduce_sum([step_loss, tokens / self.context.world_size])
             epoch_loss += reduced.cpu()
             loss_value = float(reduced[0] / reduced[1]) if reduced[1] else float("nan")
             bar.update(1)
