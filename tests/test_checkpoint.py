@@ -222,8 +222,8 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: \d+ bytes, \d+ when saved \(truncated"):
         load_checkpoint(folder)
 
-    model_file.write_bytes(b"\xff" * len(content))  # same size, garbage
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read as safetensors"):
+    model_file.write_bytes(b"\xff" * len(content))  # same size, garbage: caught by the recorded digest
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: its SHA-256 differs"):
         load_checkpoint(folder)
 
     model_file.unlink()
@@ -261,3 +261,15 @@ def test_extra_states_round_trip_beside_the_model(tmp_path):
     with pytest.raises(CheckpointError, match="extra state name"):
         save_checkpoint(tmp_path, 2, model_state={"w": torch.ones(2)}, optimizer_state=None, rng_state=None,
                         train_state={}, config=Config(coconut=True), extra_states={"model": heads})
+
+
+def test_a_flipped_byte_of_the_same_size_is_refused(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    save_checkpoint(tmp_path, 1, model_state=model.state_dict(), optimizer_state=None, rng_state=None,
+                    train_state={"epoch": 1}, config=Config(coconut=True))
+    weights = tmp_path / "checkpoint_1" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's bytes: same size, different weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: its SHA-256 differs"):
+        load_checkpoint(tmp_path / "checkpoint_1")

@@ -19,6 +19,7 @@ removed by the next save. Only one process (rank 0) may save into a run folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -157,6 +158,18 @@ def _file_sizes(root: Path) -> dict[str, int]:
     }
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digests(root: Path, names: list[str]) -> dict[str, str]:
+    return {name: _sha256(root / name) for name in names}
+
+
 def _is_complete(folder: Path) -> bool:
     return folder.is_dir() and (folder / COMPLETE_FILE).is_file()
 
@@ -241,7 +254,9 @@ def save_checkpoint(
                 raise CheckpointError(f"extra state name {name!r}: use lower-case letters and '_', not 'model'")
             save_state_dict(tensors, tmp / f"{name}.safetensors")
         (tmp / STATE_FILE).write_text(state_text, encoding="utf-8")
-        complete = {"format_version": FORMAT_VERSION, "epoch": epoch, "files": _file_sizes(tmp)}
+        sizes = _file_sizes(tmp)
+        complete = {"format_version": FORMAT_VERSION, "epoch": epoch, "files": sizes,
+                    "sha256": _file_digests(tmp, list(sizes))}
         (tmp / COMPLETE_FILE).write_text(json.dumps(complete, indent=2), encoding="utf-8")
         _fsync_tree(tmp)
 
@@ -315,6 +330,12 @@ def load_checkpoint(path: str | Path) -> CheckpointData:
             raise CheckpointError(f"{file}: missing from the checkpoint")
         if file.stat().st_size != size:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, {size} when saved (truncated or damaged)")
+    # Same size is not same content: a flipped byte must not load silently (markers of older
+    # checkpoints have no digests; those are checked by size only).
+    for name, digest in (complete.get("sha256") or {}).items():
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{path / name}: its SHA-256 differs from the one recorded when it was saved "
+                                  "(the file was changed or damaged); resume from an earlier checkpoint")
 
     try:
         model_state = read_state_dict(path / MODEL_FILE)
