@@ -12,6 +12,7 @@ from noblankslate.data.schema import DataError
 def train(config_path: str, overrides: list[str]) -> int:
     """Load and validate the config, then train; config and data errors stop before any work."""
     from noblankslate.train.distributed import distributed_context
+    from noblankslate.train.lock import RunLocked
     from noblankslate.train.loop import TrainingDiverged
     from noblankslate.train.loop import train as run_training
 
@@ -25,6 +26,9 @@ def train(config_path: str, overrides: list[str]) -> int:
             run_training(config, context)
         except DataError as error:
             print(f"data error: {error}", file=sys.stderr)
+            return 2
+        except RunLocked as error:
+            print(f"run folder in use: {error}", file=sys.stderr)
             return 2
         except TrainingDiverged as error:
             print(f"training stopped: {error}", file=sys.stderr)

@@ -58,6 +58,7 @@ from noblankslate.train.checkpoint import (
     save_checkpoint,
 )
 from noblankslate.train.distributed import DistributedContext, print0
+from noblankslate.train.lock import RunLock, RunLocked
 from noblankslate.train.parallel import ParallelModel, autocast, wrap_model
 from noblankslate.train.track import Tracker
 
@@ -133,6 +134,16 @@ class Trainer:
         self.context = context
         self.run_dir = config.run_dir
         self.saving = not config.debug and not config.only_eval
+        # One run per folder: the lock is taken before anything is read from or written to it.
+        self.lock = RunLock(self.run_dir, echo=print0)
+        refused: RunLocked | None = None
+        if self.saving and context.is_main:
+            try:
+                self.lock.acquire()
+            except RunLocked as error:
+                refused = error
+        if context.all_reduce_max(int(refused is not None)):
+            raise refused or RunLocked(f"{self.run_dir} is in use by another run (see the main process's message)")
         resume_from = None if config.only_eval else latest_checkpoint(self.run_dir)
         self.start_epoch = config.resume
         self.best_accuracy = 0.0
@@ -352,6 +363,12 @@ class Trainer:
         self.context.barrier()
 
     def run(self) -> list[EpochResult]:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> list[EpochResult]:
         config = self.config
         results = []
         last_epoch = self.start_epoch + 1 if config.only_eval else config.num_epochs
