@@ -53,6 +53,14 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_data):
 
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert_same_weights(final_weights(run_dir, 4), final_weights(tmp_path / "runs" / "straight", 4))
+    # metrics.jsonl holds each step and epoch once, with the uninterrupted run's values
+    from noblankslate.train.track import read_metrics
+
+    def steps_and_epochs(folder):
+        records = read_metrics(folder)
+        return ([(r["step"], r["train_loss"]) for r in records if r["event"] == "step"],
+                [r["epoch"] for r in records if r["event"] == "epoch"])
+    assert steps_and_epochs(run_dir) == steps_and_epochs(tmp_path / "runs" / "straight")
 
 
 def _step_gradients(raw: dict) -> list[dict[str, torch.Tensor]]:
@@ -198,3 +206,22 @@ def test_a_diverging_run_stops_before_the_update_and_keeps_the_last_good_checkpo
     assert all(torch.isfinite(t).all() for t in load_checkpoint(run_dir / "checkpoint_1").model_state.values())
     assert main(["train", str(config_file), "lr=.inf"]) == 2
     assert "lr must be a finite number" in capsys.readouterr().err
+
+
+def test_a_resumed_run_drops_the_records_of_the_work_it_redoes(tmp_path, tiny_data, capsys):
+    from noblankslate.train.track import read_metrics
+
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=2)
+    train(config_from_dict(raw), CPU)
+    run_dir = tmp_path / "runs" / "tiny"
+    steps_before = [r["step"] for r in read_metrics(run_dir) if r["event"] == "step"]
+    # what a run killed during epoch 3 leaves behind: steps and an epoch record its checkpoint does not hold
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "step", "epoch": 3, "step": steps_before[-1] + 1, "train_loss": 9.0}) + "\n")
+        f.write(json.dumps({"event": "epoch", "epoch": 3, "accuracy": 0.0}) + "\n")
+    train(config_from_dict({**raw, "num_epochs": 3}), CPU)
+    assert "dropped 2 records logged after checkpoint_2" in capsys.readouterr().out
+    records = read_metrics(run_dir)
+    steps = [r["step"] for r in records if r["event"] == "step"]
+    assert steps == list(range(1, len(steps) + 1)) and 9.0 not in [r["train_loss"] for r in records if r["event"] == "step"]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2, 3]

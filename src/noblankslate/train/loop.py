@@ -191,6 +191,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
         self.tracker = Tracker(self.run_dir, config, active=context.is_main and not config.debug)
+        if resume_from is not None:
+            dropped = self.tracker.forget_after(self.start_epoch, self.global_step)
+            if dropped:
+                print0(f"{self.run_dir / 'metrics.jsonl'}: dropped {dropped} records logged after {resume_from.name} "
+                       "(the interrupted epoch runs again)")
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         parameters = list(self.parallel.wrapped.parameters())

@@ -37,6 +37,28 @@ class Tracker:
         self.wandb_run = wandb.init(project=config.project, name=config.name, dir=str(run_dir), mode=mode,
                                     config=config.to_dict(), resume="allow")
 
+    def forget_after(self, epoch: int, step: int) -> int:
+        """Drop the records of work a resumed run will redo: steps after ``step`` and epoch-level records
+        after ``epoch`` (a run killed mid-epoch logged steps its checkpoint does not hold). The file is
+        rewritten atomically. Returns the number of records dropped."""
+        if not self.active or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            later = record.get("step", 0) > step if record.get("event") == "step" else record.get("epoch", 0) > epoch
+            if later:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            temporary.replace(self.path)
+        return dropped
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
