@@ -273,3 +273,16 @@ def test_a_flipped_byte_of_the_same_size_is_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="model.safetensors: its SHA-256 differs"):
         load_checkpoint(tmp_path / "checkpoint_1")
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        model = torch.nn.Linear(4, 3)
+        save_checkpoint(tmp_path, 1, model_state=model.state_dict(), optimizer_state=None, rng_state=None,
+                        train_state={"epoch": 1}, config=Config(coconut=True))
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "checkpoint_1").rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o644, path

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from noblankslate.files import give_plain_mode
+
 Record = dict[str, Any]
 
 ICOT_QUESTION_SEP = "||"
@@ -276,10 +278,7 @@ def write_json_atomic(data: Any, path: str | Path, inputs: Iterable[str | Path] 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_plain_mode(tmp)  # mkstemp makes the file private (0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

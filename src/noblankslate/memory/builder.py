@@ -34,6 +34,7 @@ from noblankslate.config import Config
 from noblankslate.data.curriculum import prompt_view
 from noblankslate.eval.evaluate import evaluate_generation
 from noblankslate.eval.setup import RunSetup
+from noblankslate.files import give_plain_mode
 from noblankslate.memory.calibration import Calibrator, make_calibrator
 from noblankslate.memory.controller import MemoryParts
 from noblankslate.memory.probe import ExitProbe, fit_exit_probe
@@ -114,6 +115,7 @@ def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> str:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
+    give_plain_mode(temporary)  # mkstemp makes the file private (0600)
     os.replace(temporary, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from noblankslate.files import give_plain_mode
 from noblankslate.model.coconut import Coconut
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ def save_state_dict(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
         storages.add(storage)
         tensors[key] = tensor.clone().contiguous().cpu() if shared else tensor.contiguous().cpu()
     save_file(tensors, str(path), metadata={"format": "pt", ALIASES_METADATA: json.dumps(aliases)})
+    give_plain_mode(path)  # safetensors writes 0600
 
 
 def checkpoint_kind(state_dict: Mapping[str, Tensor]) -> RunKind:
