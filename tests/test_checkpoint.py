@@ -286,3 +286,24 @@ def test_saved_files_are_readable_by_others(tmp_path):
     for path in (tmp_path / "checkpoint_1").rglob("*"):
         if path.is_file():
             assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_a_stray_file_with_a_checkpoints_name_is_refused_before_any_work(tmp_path, tiny_data, capsys):
+    import yaml
+    from run_helpers import tiny_config
+
+    from noblankslate.cli import main
+
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=2)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint_2").write_text("notes")
+    assert main(["train", str(config_file)]) == 2
+    assert "checkpoint_2 is not a checkpoint folder" in capsys.readouterr().err
+    assert not (run_dir / "checkpoint_1").exists() and (run_dir / "checkpoint_2").read_text() == "notes"
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        save_checkpoint(run_dir, 2, model_state={"w": torch.ones(1)}, optimizer_state=None, rng_state=None,
+                        train_state={}, config=Config(coconut=True))
+    assert (run_dir / "checkpoint_2").read_text() == "notes"

@@ -12,6 +12,7 @@ from noblankslate.data.schema import DataError
 def train(config_path: str, overrides: list[str]) -> int:
     """Load and validate the config, then train; config and data errors stop before any work."""
     from noblankslate.train.distributed import distributed_context
+    from noblankslate.train.checkpoint import CheckpointError
     from noblankslate.train.lock import RunLocked
     from noblankslate.train.loop import TrainingDiverged
     from noblankslate.train.loop import train as run_training
@@ -26,6 +27,9 @@ def train(config_path: str, overrides: list[str]) -> int:
             run_training(config, context)
         except DataError as error:
             print(f"data error: {error}", file=sys.stderr)
+            return 2
+        except CheckpointError as error:
+            print(f"checkpoint error: {error}", file=sys.stderr)
             return 2
         except RunLocked as error:
             print(f"run folder in use: {error}", file=sys.stderr)

@@ -260,6 +260,8 @@ def save_checkpoint(
         (tmp / COMPLETE_FILE).write_text(json.dumps(complete, indent=2), encoding="utf-8")
         _fsync_tree(tmp)
 
+        if final.exists() and not final.is_dir():
+            raise CheckpointError(f"{final} is not a checkpoint folder but has a checkpoint's name; move it away")
         if final.exists():
             aside = run_dir / f".checkpoint_{epoch}.old-{uuid.uuid4().hex[:8]}"
             os.rename(final, aside)
@@ -274,6 +276,24 @@ def save_checkpoint(
         shutil.rmtree(aside)
     logger.info("saved %s", final)
     return final
+
+
+def check_run_folder(run_dir: str | Path) -> None:
+    """Refuse, before any compute, a run folder where a checkpoint could not be saved: something named like
+    a checkpoint that is not a folder (a save would move it aside and fail to clean it up).
+
+    Raises:
+        CheckpointError: naming the path.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: the run folder is a file")
+    if not run_dir.is_dir():
+        return
+    for path in sorted(run_dir.iterdir()):
+        if _CHECKPOINT_NAME.fullmatch(path.name) and not path.is_dir():
+            raise CheckpointError(f"{path} is not a checkpoint folder but has a checkpoint's name; move it out of "
+                                  f"{run_dir} (a checkpoint of that epoch would replace it)")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

@@ -52,6 +52,7 @@ from noblankslate.model.build import uses_latent_tokens
 from noblankslate.model.weights import read_state_dict
 from noblankslate.train.checkpoint import (
     capture_rng_state,
+    check_run_folder,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -144,6 +145,8 @@ class Trainer:
                 refused = error
         if context.all_reduce_max(int(refused is not None)):
             raise refused or RunLocked(f"{self.run_dir} is in use by another run (see the main process's message)")
+        if self.saving:
+            check_run_folder(self.run_dir)
         resume_from = None if config.only_eval else latest_checkpoint(self.run_dir)
         self.start_epoch = config.resume
         self.best_accuracy = 0.0
