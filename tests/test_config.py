@@ -164,3 +164,12 @@ def test_memory_sections_validate_and_take_dotted_overrides(tmp_path):
                                                "retrieval.normalize_keys=false"]).retrieval.sim_threshold == 3.0
     with pytest.raises(ConfigError, match="retrieval: expected a mapping"):
         load_config(write(tmp_path, ORIGINAL_PROSQA + "retrieval: 3\n"))
+
+
+def test_errors_inside_a_nested_section_name_the_key(tmp_path):
+    base = "coconut: true\nmodel_config:\n  arch: gpt2\n"
+    with pytest.raises(ConfigError, match="unknown config key 'model_config.n_layr'; did you mean 'model_config.n_layer'"):
+        load_config(write(tmp_path, base), ["model_config.n_layr=2"])
+    with pytest.raises(ConfigError, match="model_config.n_layer: expected an integer, got 'abc'"):
+        load_config(write(tmp_path, base), ["model_config.n_layer=abc"])
+    assert load_config(write(tmp_path, "coconut: true\nmodel_config: null\n")).model_config is None

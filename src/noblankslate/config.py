@@ -379,6 +379,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if type(None) in options and (value is None or (isinstance(value, str) and value in ("None", "none", "null"))):
             return None
         for option in (o for o in options if o is not type(None)):
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                return _coerce(key, value, option)  # a section: its own error names the bad key inside it
             try:
                 return _coerce(key, value, option)
             except ConfigError:
