@@ -225,3 +225,22 @@ def test_a_resumed_run_drops_the_records_of_the_work_it_redoes(tmp_path, tiny_da
     steps = [r["step"] for r in records if r["event"] == "step"]
     assert steps == list(range(1, len(steps) + 1)) and 9.0 not in [r["train_loss"] for r in records if r["event"] == "step"]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2, 3]
+
+
+def test_refusals_before_compute(tmp_path, tiny_data, capsys):
+    import shutil
+
+    import yaml
+
+    from noblankslate.cli import main
+
+    copy = tmp_path / "copy_of_train.json"
+    shutil.copy(tiny_data[0], copy)
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=1, val_path=str(copy))
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(config_file)]) == 2
+    assert "holds the same data as train_path" in capsys.readouterr().err
+    assert main(["train", str(config_file), f"val_path={tiny_data[1]}", "c_thought=0"]) == 2
+    assert "coconut with c_thought: 0 adds no thoughts" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tiny").exists() or not list((tmp_path / "runs" / "tiny").glob("checkpoint_*"))

@@ -294,6 +294,9 @@ class Config:
         for modifier in ("pause_as_thought", "no_curriculum"):
             if getattr(self, modifier) and not self.coconut:
                 raise ConfigError(f"{modifier}: true is a variant of coconut; set coconut: true as well")
+        if self.coconut and self.c_thought == 0:
+            raise ConfigError("coconut with c_thought: 0 adds no thoughts: that is the 'w/o thought' row; set "
+                              "no_thoughts: true (and coconut: false) for it, or c_thought >= 1")
         if self.pause_token and self.max_latent_stage * self.c_thought == 0:
             raise ConfigError("pause_token needs max_latent_stage * c_thought > 0 pause tokens")
         if self.lr_schedule not in ("constant", "cosine"):

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from noblankslate.config import Config
 from noblankslate.data.collator import LatentCollator
 from noblankslate.data.curriculum import CurriculumSpec
-from noblankslate.data.schema import Example, load_examples
+from noblankslate.data.schema import DataError, Example, RecordProblem, load_examples
 from noblankslate.data.tokenize import TokenizedExample, tokenize_examples
 from noblankslate.model.build import build_model, build_tokenizer
 from noblankslate.model.coconut import Coconut
@@ -44,8 +44,22 @@ def load_run_data(config: Config) -> tuple[list[Example], list[Example]]:
     if not config.only_eval:
         if config.train_path is None:
             raise ValueError("train_path is not set (needed unless only_eval: true)")
+        if _same_content(config.train_path, config.val_path):
+            raise DataError([RecordProblem(str(config.val_path), None, None,
+                                           f"holds the same data as train_path {config.train_path}: the evaluation "
+                                           "would score the training examples; use a held-out file")])
         train = load_examples(config.train_path, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
     return train, val
+
+
+def _same_content(a: str | Path, b: str | Path) -> bool:
+    """The same file, or two files with the same bytes."""
+    a, b = Path(a), Path(b)
+    if not (a.is_file() and b.is_file()):
+        return False
+    if a.resolve() == b.resolve():
+        return True
+    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
 
 
 def load_memory_data(config: Config, train: list[Example]) -> list[Example]:
