@@ -244,3 +244,22 @@ def test_refusals_before_compute(tmp_path, tiny_data, capsys):
     assert main(["train", str(config_file), f"val_path={tiny_data[1]}", "c_thought=0"]) == 2
     assert "coconut with c_thought: 0 adds no thoughts" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "tiny").exists() or not list((tmp_path / "runs" / "tiny").glob("checkpoint_*"))
+
+
+def test_a_record_too_long_for_the_model_is_named_before_any_step(tmp_path, tiny_data, capsys):
+    import yaml
+
+    from noblankslate.cli import main
+
+    records = json.loads(tiny_data[0].read_text())
+    records[7]["question"] = " ".join(["Every wumpus is a yumpus."] * 300)
+    long_train = tmp_path / "long.json"
+    long_train.write_text(json.dumps(records))
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=1, train_path=str(long_train))
+    raw["model_config"]["max_positions"] = 128
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{long_train}: record 7:" in err and "exceed the model's 128 positions" in err
+    assert not (tmp_path / "runs" / "tiny" / "checkpoint_1").exists()

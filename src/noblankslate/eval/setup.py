@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from noblankslate.config import Config
 from noblankslate.data.collator import LatentCollator
-from noblankslate.data.curriculum import CurriculumSpec
+from noblankslate.data.curriculum import CurriculumSpec, prompt_features, training_features
 from noblankslate.data.schema import DataError, Example, RecordProblem, load_examples
 from noblankslate.data.tokenize import TokenizedExample, tokenize_examples
 from noblankslate.model.build import build_model, build_tokenizer
@@ -75,6 +75,31 @@ def load_memory_data(config: Config, train: list[Example]) -> list[Example]:
     return load_examples(source, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
 
 
+def check_lengths(config: Config, spec: CurriculumSpec, limit: int,
+                  files: list[tuple[str | None, list[Example], list[TokenizedExample]]]) -> None:
+    """Every record's longest sequence at any stage (and, for generation, its longest prompt plus
+    ``max_new_tokens``) must fit the model's ``limit`` positions; otherwise training would fail with an
+    index error mid-epoch. Checked when the data is loaded, naming file, record and length.
+
+    Raises:
+        DataError: listing every record that does not fit.
+    """
+    stages = range(config.max_latent_stage + 2)
+    budget = config.resolved_max_new_tokens
+    problems = []
+    for path, examples, tokens in files:
+        for example, tokenized in zip(examples, tokens):
+            longest = max(len(training_features(tokenized, stage, spec)["input_ids"]) for stage in stages)
+            prompt = max(len(prompt_features(tokenized, stage, spec)["input_ids"]) for stage in stages) + budget
+            if max(longest, prompt) > limit:
+                what = (f"{longest} tokens at its longest stage" if longest > limit
+                        else f"a prompt of {prompt - budget} tokens + max_new_tokens {budget}")
+                problems.append(RecordProblem(str(path), example.idx, None,
+                                              f"{what} exceed the model's {limit} positions (model_config.max_positions)"))
+    if problems:
+        raise DataError(problems)
+
+
 @dataclass
 class RunSetup:
     """One run's data and model, before any wrapping for distributed training."""
@@ -113,10 +138,15 @@ def setup_run(config: Config, weights_from: str | Path | None = None) -> RunSetu
     train_tokens = tokenize_examples(train, tokenizer) if train else []
     memory_tokens = (train_tokens if memory_examples is train
                      else tokenize_examples(memory_examples, tokenizer) if memory_examples else [])
+    val_tokens = tokenize_examples(val, tokenizer)
+    spec = CurriculumSpec.from_config(config, built.latent_ids)
+    limit = getattr(built.model.base_causallm.config, "n_positions", None)  # learned absolute positions
+    if limit is not None:
+        check_lengths(config, spec, limit, [(config.train_path, train, train_tokens), (config.val_path, val, val_tokens)])
     return RunSetup(
-        config=config, train=train, val=val, train_tokens=train_tokens, val_tokens=tokenize_examples(val, tokenizer),
+        config=config, train=train, val=val, train_tokens=train_tokens, val_tokens=val_tokens,
         memory_examples=memory_examples, memory_tokens=memory_tokens, tokenizer=tokenizer,
-        latent_ids=built.latent_ids, spec=CurriculumSpec.from_config(config, built.latent_ids),
+        latent_ids=built.latent_ids, spec=spec,
         collate=LatentCollator(pad_token_id=tokenizer.pad_token_id, latent_id=built.latent_ids.latent_id),
         model=built.model, load_summary=built.load_summary,
     )
