@@ -263,3 +263,65 @@ def test_a_record_too_long_for_the_model_is_named_before_any_step(tmp_path, tiny
     err = capsys.readouterr().err
     assert f"{long_train}: record 7:" in err and "exceed the model's 128 positions" in err
     assert not (tmp_path / "runs" / "tiny" / "checkpoint_1").exists()
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_bit_exact(tmp_path, tiny_data, monkeypatch):
+    from noblankslate.train import loop
+    from noblankslate.train.checkpoint import latest_checkpoint
+    from noblankslate.train.track import read_metrics
+
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=3)  # dropout on: the RNG state must be restored too
+    train(config_from_dict({**raw, "name": "straight"}), CPU)
+
+    original = loop.Trainer._forward_sum
+
+    def signal_at_step_9(self, batch):  # a real SIGTERM in the middle of epoch 2 (6 steps per epoch)
+        if self.global_step == 8 and not self.stop_requested:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "_forward_sum", signal_at_step_9)
+    with pytest.raises(loop.TrainingInterrupted, match=r"in epoch 2 after step 3 of 6; resume point .*checkpoint_1_step_3"):
+        train(config_from_dict(raw), CPU)
+    run_dir = tmp_path / "runs" / "tiny"
+    assert latest_checkpoint(run_dir).name == "checkpoint_1_step_3"
+    monkeypatch.setattr(loop.Trainer, "_forward_sum", original)
+    train(config_from_dict(raw), CPU)  # resumes mid-epoch
+    assert_same_weights(final_weights(run_dir, 3), final_weights(tmp_path / "runs" / "straight", 3))
+    assert not (run_dir / "checkpoint_1_step_3").exists()  # superseded by checkpoint_2
+    steps = lambda d: [(r["step"], r["train_loss"]) for r in read_metrics(d) if r["event"] == "step"]
+    assert steps(run_dir) == steps(tmp_path / "runs" / "straight")
+    epochs = lambda d: [(r["epoch"], r["train_loss"]) for r in read_metrics(d) if r["event"] == "epoch"]
+    assert epochs(run_dir) == epochs(tmp_path / "runs" / "straight")
+
+
+def test_save_every_steps_writes_mid_epoch_checkpoints(tmp_path, tiny_data):
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=1, save_every_steps=4)
+    trainer = Trainer(config_from_dict(raw), CPU)
+    seen = []
+    save = trainer._save
+    trainer._save = lambda epoch, stage, step_in_epoch=0, epoch_loss=None: (seen.append(step_in_epoch),
+                                                                           save(epoch, stage, step_in_epoch, epoch_loss))
+    trainer.run()
+    assert seen == [4, 0]  # after step 4 of 6, then the epoch's own
+    assert [p.name for p in sorted((tmp_path / "runs" / "tiny").glob("checkpoint_*"))] == ["checkpoint_1"]
+
+
+def test_sigterm_to_the_command_stops_with_one_line_and_exit_130(tmp_path, tiny_data):
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=60)
+    config_path = tmp_path / "long.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    metrics = tmp_path / "runs" / "tiny" / "metrics.jsonl"
+    process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), str(config_path)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and '"epoch": 2' in metrics.read_text():
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert last.startswith("training interrupted") and "run the same command again to resume" in last
+    assert "Traceback" not in err

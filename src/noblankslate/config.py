@@ -243,6 +243,9 @@ class Config:
     """Checkpoint to load: for evaluation, or to start Coconut from a CoT model."""
     save_only_improve: bool = False
     """Save a checkpoint only when validation accuracy improves."""
+    save_every_steps: int = 0
+    """Also write a mid-epoch checkpoint (``checkpoint_{E}_step_{k}``) every this many optimizer steps; 0 =
+    only after epochs. A run resumes from it exactly; an epoch's checkpoint replaces its mid-epoch ones."""
     resume: int = 0
     """Epoch to start from (skips the first ``resume`` epochs)."""
     seed: int = 0
@@ -342,7 +345,7 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-_NON_NEGATIVE = ("c_thought", "max_latent_stage", "resume", "seed", "weight_decay")
+_NON_NEGATIVE = ("c_thought", "max_latent_stage", "resume", "seed", "weight_decay", "save_every_steps")
 _POSITIVE = ("epochs_per_stage", "batch_size_training", "gradient_accumulation_steps", "num_epochs", "lr")
 
 

@@ -14,7 +14,7 @@ def train(config_path: str, overrides: list[str]) -> int:
     from noblankslate.train.distributed import distributed_context
     from noblankslate.train.checkpoint import CheckpointError
     from noblankslate.train.lock import RunLocked
-    from noblankslate.train.loop import TrainingDiverged
+    from noblankslate.train.loop import TrainingDiverged, TrainingInterrupted
     from noblankslate.train.loop import train as run_training
 
     try:
@@ -34,6 +34,9 @@ def train(config_path: str, overrides: list[str]) -> int:
         except RunLocked as error:
             print(f"run folder in use: {error}", file=sys.stderr)
             return 2
+        except TrainingInterrupted as error:
+            print(f"training {error}", file=sys.stderr)
+            return 130
         except TrainingDiverged as error:
             print(f"training stopped: {error}", file=sys.stderr)
             return 1

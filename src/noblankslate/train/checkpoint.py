@@ -50,8 +50,9 @@ TOKENIZER_DIR = "tokenizer"
 COMPLETE_FILE = "COMPLETE"
 FORMAT_VERSION = 1
 
-_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)")
-_LEFTOVER_NAME = re.compile(r"\.checkpoint_(\d+)\.(tmp|old)-.+")
+_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)(?:_step_(\d+))?")
+"""``checkpoint_{E}``: after epoch E; ``checkpoint_{E}_step_{k}``: E epochs and k steps of the next one."""
+_LEFTOVER_NAME = re.compile(r"\.(checkpoint_\d+(?:_step_\d+)?)\.(tmp|old)-.+")
 
 
 class CheckpointError(RuntimeError):
@@ -184,7 +185,7 @@ def _clean_leftovers(run_dir: Path) -> None:
         match = _LEFTOVER_NAME.fullmatch(path.name)
         if match is None or not path.is_dir():
             continue
-        target = run_dir / f"checkpoint_{int(match.group(1))}"
+        target = run_dir / match.group(1)
         if match.group(2) == "old" and not target.exists() and _is_complete(path):
             logger.warning("restoring %s from %s (a replacing save was interrupted)", target, path)
             os.rename(path, target)
@@ -193,10 +194,16 @@ def _clean_leftovers(run_dir: Path) -> None:
             shutil.rmtree(path)
 
 
+def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:
+    """The folder name of a checkpoint after ``epoch`` epochs and ``step_in_epoch`` steps of the next."""
+    return f"checkpoint_{epoch}" if step_in_epoch == 0 else f"checkpoint_{epoch}_step_{step_in_epoch}"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     epoch: int,
     *,
+    step_in_epoch: int = 0,
     model_state: dict[str, Tensor],
     optimizer_state: dict[str, Any] | None,
     rng_state: dict[str, Any] | None,
@@ -236,8 +243,8 @@ def save_checkpoint(
     run_dir.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(run_dir)
 
-    final = run_dir / f"checkpoint_{epoch}"
-    tmp = run_dir / f".checkpoint_{epoch}.tmp-{uuid.uuid4().hex[:8]}"
+    final = run_dir / checkpoint_name(epoch, step_in_epoch)
+    tmp = run_dir / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not mkdtemp: its 0o700 mode would outlive the rename and hide the checkpoint from others
     aside: Path | None = None
     try:
@@ -263,7 +270,7 @@ def save_checkpoint(
         if final.exists() and not final.is_dir():
             raise CheckpointError(f"{final} is not a checkpoint folder but has a checkpoint's name; move it away")
         if final.exists():
-            aside = run_dir / f".checkpoint_{epoch}.old-{uuid.uuid4().hex[:8]}"
+            aside = run_dir / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(final, aside)
         os.rename(tmp, final)
         _fsync_dir(run_dir)
@@ -274,6 +281,10 @@ def save_checkpoint(
         raise
     if aside is not None:
         shutil.rmtree(aside)
+    if step_in_epoch == 0:  # the epoch is done: its mid-epoch checkpoints are superseded
+        for index, path in list_checkpoints(run_dir, with_steps=True):
+            if index[0] == epoch - 1 and index[1] > 0:
+                shutil.rmtree(path)
     logger.info("saved %s", final)
     return final
 
@@ -296,8 +307,10 @@ def check_run_folder(run_dir: str | Path) -> None:
                                   f"{run_dir} (a checkpoint of that epoch would replace it)")
 
 
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, by epoch ascending (numeric: 9 before 10)."""
+def list_checkpoints(run_dir: str | Path, with_steps: bool = False) -> list[tuple]:
+    """Complete checkpoints of a run, oldest first (numeric: 9 before 10; ``checkpoint_2_step_5`` after
+    ``checkpoint_2``). Items are (epoch, path), or ((epoch, step_in_epoch), path) with ``with_steps``;
+    without it, mid-epoch checkpoints are left out."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -305,13 +318,17 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     for path in run_dir.iterdir():
         match = _CHECKPOINT_NAME.fullmatch(path.name)
         if match is not None and _is_complete(path):
-            found.append((int(match.group(1)), path))
+            index = (int(match.group(1)), int(match.group(2) or 0))
+            if with_steps:
+                found.append((index, path))
+            elif index[1] == 0:
+                found.append((index[0], path))
     return sorted(found)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The highest-epoch complete checkpoint of a run, or None (temporary and incomplete folders are skipped)."""
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints = list_checkpoints(run_dir, with_steps=True)
     return checkpoints[-1][1] if checkpoints else None
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ from noblankslate.model.weights import read_state_dict
 from noblankslate.train.checkpoint import (
     capture_rng_state,
     check_run_folder,
+    checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -64,6 +67,16 @@ from noblankslate.train.parallel import ParallelModel, autocast, wrap_model
 from noblankslate.train.track import Tracker
 
 PREDICTIONS_FILE = "predictions_epoch_{epoch}.jsonl"
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped training after a step; ``checkpoint`` is where it can resume from."""
+
+    def __init__(self, epoch: int, step: int, steps: int, checkpoint: Path | None):
+        self.checkpoint = checkpoint
+        where = f"resume point {checkpoint}" if checkpoint else "nothing saved (debug or only_eval run)"
+        done = f"after epoch {epoch}" if step == steps else f"in epoch {epoch} after step {step} of {steps}"
+        super().__init__(f"interrupted {done}; {where}; run the same command again to resume")
 
 
 class TrainingDiverged(RuntimeError):
@@ -151,6 +164,10 @@ class Trainer:
         self.start_epoch = config.resume
         self.best_accuracy = 0.0
         self.global_step = 0
+        self.resume_step = 0
+        self.resume_loss: list[float] | None = None
+        self.stop_requested = False
+        """Set by SIGINT/SIGTERM (see :meth:`run`): the current step finishes, a checkpoint is written."""
 
         if resume_from is not None:
             print0(f"found {resume_from}: resuming from it (the config's resume={config.resume} is ignored)")
@@ -180,6 +197,9 @@ class Trainer:
             self.start_epoch = checkpoint.epoch
             self.best_accuracy = checkpoint.train_state.get("best_accuracy", 0.0)
             self.global_step = checkpoint.train_state.get("global_step", 0)
+            # a mid-epoch checkpoint: that many steps of epoch start_epoch + 1 are done, with this loss so far
+            self.resume_step = checkpoint.train_state.get("step_in_epoch", 0)
+            self.resume_loss = checkpoint.train_state.get("epoch_loss")
             if checkpoint.optimizer_state is not None:
                 self.parallel.load_optimizer_state(self.optimizer, checkpoint.optimizer_state)
             if checkpoint.rng_state is not None:
@@ -243,10 +263,17 @@ class Trainer:
         device = self.context.device
         self.parallel.wrapped.train()
         epoch_loss = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens (all ranks)
-        bar = tqdm(total=len(groups), desc=f"epoch {epoch + 1}/{self.config.num_epochs} stage {stage}",
+        skip = 0
+        if epoch == self.start_epoch and self.resume_step:  # resumed mid-epoch: those steps are done
+            skip, self.resume_step = self.resume_step, 0
+            epoch_loss = torch.tensor(self.resume_loss, dtype=torch.float64)
+        bar = tqdm(total=len(groups), initial=skip, desc=f"epoch {epoch + 1}/{self.config.num_epochs} stage {stage}",
                    disable=not self.context.is_main, dynamic_ncols=True)
         started = time.perf_counter()
-        for group in groups:
+        every = self.config.save_every_steps
+        for index, group in enumerate(groups):
+            if index < skip:
+                continue
             batches = [{k: v.to(device) for k, v in self.setup.collate(f).items() if k != "idx"} for f in group]
             tokens = float(self.context.all_reduce_sum([sum(_labelled_tokens(b) for b in batches)])[0])
             step_loss, step_contrastive = 0.0, []
@@ -288,6 +315,14 @@ class Trainer:
             if step_contrastive:
                 record["contrastive_loss"] = sum(step_contrastive) / len(step_contrastive)
             self.tracker.log(record)
+            stop = bool(self.context.all_reduce_max(int(self.stop_requested)))  # every rank stops at the same step
+            done = index + 1
+            if self.saving and done < len(groups) and (stop or (every and self.global_step % every == 0)):
+                self._save(epoch, stage, step_in_epoch=done, epoch_loss=epoch_loss.tolist())
+            if stop and done < len(groups):  # on the epoch's last step, the epoch finishes and saves first
+                bar.close()
+                raise TrainingInterrupted(epoch + 1, done, len(groups),
+                                          self.run_dir / checkpoint_name(epoch, done) if self.saving else None)
         bar.close()
         return float(epoch_loss[0] / epoch_loss[1]) if epoch_loss[1] else float("nan")
 
@@ -353,16 +388,19 @@ class Trainer:
         temporary.write_text("".join(json.dumps(r) + "\n" for r in evaluation.predictions), encoding="utf-8")
         temporary.replace(path)
 
-    def _save(self, epoch: int, stage: int) -> None:
+    def _save(self, epoch: int, stage: int, step_in_epoch: int = 0, epoch_loss: list[float] | None = None) -> None:
+        """Write ``checkpoint_{epoch + 1}`` after an epoch, or ``checkpoint_{epoch}_step_{k}`` after k of its steps."""
         plain = not uses_latent_tokens(self.config)  # CoT-style runs save plain causal-LM keys, as the original
         model_state = self.parallel.full_state_dict(plain_causallm=plain)
         optimizer_state = self.parallel.optimizer_state(self.optimizer)
         if self.context.is_main:
+            mid = {"step_in_epoch": step_in_epoch, "epoch_loss": epoch_loss} if step_in_epoch else {}
+            done = epoch if step_in_epoch else epoch + 1
             save_checkpoint(
-                self.run_dir, epoch + 1, model_state=model_state, optimizer_state=optimizer_state,
-                rng_state=capture_rng_state(),
-                train_state={"epoch": epoch + 1, "stage": stage, "global_step": self.global_step,
-                             "best_accuracy": self.best_accuracy},
+                self.run_dir, done, step_in_epoch=step_in_epoch, model_state=model_state,
+                optimizer_state=optimizer_state, rng_state=capture_rng_state(),
+                train_state={"epoch": done, "stage": stage, "global_step": self.global_step,
+                             "best_accuracy": self.best_accuracy, **mid},
                 config=self.config, tokenizer=self.setup.tokenizer,
                 extra_states={"nudge_heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
                               "nudge_buffer": self.buffer.state_dict()}
@@ -371,9 +409,24 @@ class Trainer:
         self.context.barrier()
 
     def run(self) -> list[EpochResult]:
+        """All epochs. SIGINT or SIGTERM lets the current step finish, writes a mid-epoch checkpoint and
+        raises :class:`TrainingInterrupted` (a second SIGINT interrupts at once)."""
+        previous = {}
+
+        def request_stop(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print0(f"\n{signal.Signals(signum).name}: stopping after this step (a checkpoint will be written)")
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, request_stop)
         try:
             return self._run()
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.lock.release()
 
     def _run(self) -> list[EpochResult]:
@@ -385,7 +438,9 @@ class Trainer:
             stage = scheduled_stage(config, epoch)
             train_loss = None
             if not config.only_eval:
-                if config.reset_optimizer and epoch > 0 and data_stage(config, stage) != data_stage(config, scheduled_stage(config, epoch - 1)):
+                resumed_mid_epoch = epoch == self.start_epoch and self.resume_step > 0  # the reset is behind us
+                if (config.reset_optimizer and epoch > 0 and not resumed_mid_epoch
+                        and data_stage(config, stage) != data_stage(config, scheduled_stage(config, epoch - 1))):
                     self.optimizer = self._new_optimizer()
                 train_loss = self.train_epoch(epoch, stage)
             val_loss, evaluation = self.evaluate(epoch, stage)
@@ -401,6 +456,9 @@ class Trainer:
             self.best_accuracy = max(self.best_accuracy, evaluation.accuracy)
             if self.saving and (improved or not config.save_only_improve):
                 self._save(epoch, stage)
+            if self.stop_requested and epoch + 1 < last_epoch:
+                steps = self.global_step  # the epoch is complete
+                raise TrainingInterrupted(epoch + 1, steps, steps, latest_checkpoint(self.run_dir) if self.saving else None)
         self.tracker.close()
         if self.context.is_main:
             print(summary_table(results, config.variant), flush=True)
