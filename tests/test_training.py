@@ -198,7 +198,9 @@ def test_a_diverging_run_stops_before_the_update_and_keeps_the_last_good_checkpo
     config_file.write_text(yaml.safe_dump(raw))
     assert main(["train", str(config_file), "num_epochs=1"]) == 0  # one good epoch first
     # then the same run, resumed with an lr that blows up: it must stop, exit 1, and save nothing
-    assert main(["train", str(config_file), "lr=1e12"]) == 1
+    assert main(["train", str(config_file), "lr=1e12"]) == 2  # a changed lr on resume is refused...
+    assert "lr: 0.001 -> 1000000000000.0" in capsys.readouterr().err
+    assert main(["train", str(config_file), "lr=1e12", "allow_config_change=true"]) == 1  # ...unless allowed
     err = capsys.readouterr().err
     assert "training stopped: epoch 2, step" in err and "the loss is" in err and "checkpoint_1" in err
     run_dir = tmp_path / "runs" / "tiny"
@@ -325,3 +327,19 @@ def test_sigterm_to_the_command_stops_with_one_line_and_exit_130(tmp_path, tiny_
     last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
     assert last.startswith("training interrupted") and "run the same command again to resume" in last
     assert "Traceback" not in err
+
+
+def test_resuming_with_a_different_config_lists_the_changes_and_refuses_unsafe_ones(tmp_path, tiny_data, capsys):
+    import yaml
+
+    from noblankslate.cli import main
+
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=1)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(config_file)]) == 0
+    assert main(["train", str(config_file), "num_epochs=2", "max_new_tokens=7"]) == 0  # safe with a constant lr
+    assert "config changes: max_new_tokens: 6 -> 7, num_epochs: 1 -> 2" in capsys.readouterr().out
+    assert main(["train", str(config_file), "num_epochs=3", "lr_schedule=cosine", "max_new_tokens=7"]) == 2
+    err = capsys.readouterr().err
+    assert "lr_schedule, num_epochs would change what the run trains" in err and "allow_config_change=true" in err

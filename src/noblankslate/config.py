@@ -243,6 +243,9 @@ class Config:
     """Checkpoint to load: for evaluation, or to start Coconut from a CoT model."""
     save_only_improve: bool = False
     """Save a checkpoint only when validation accuracy improves."""
+    allow_config_change: bool = False
+    """Resume even when the config differs from the checkpoint's in keys that change training (the
+    differences are printed either way; the safe keys are listed in docs/training.md)."""
     save_every_steps: int = 0
     """Also write a mid-epoch checkpoint (``checkpoint_{E}_step_{k}``) every this many optimizer steps; 0 =
     only after epochs. A run resumes from it exactly; an epoch's checkpoint replaces its mid-epoch ones."""

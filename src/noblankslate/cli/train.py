@@ -14,7 +14,7 @@ def train(config_path: str, overrides: list[str]) -> int:
     from noblankslate.train.distributed import distributed_context
     from noblankslate.train.checkpoint import CheckpointError
     from noblankslate.train.lock import RunLocked
-    from noblankslate.train.loop import TrainingDiverged, TrainingInterrupted
+    from noblankslate.train.loop import ConfigChanged, TrainingDiverged, TrainingInterrupted
     from noblankslate.train.loop import train as run_training
 
     try:
@@ -27,6 +27,9 @@ def train(config_path: str, overrides: list[str]) -> int:
             run_training(config, context)
         except DataError as error:
             print(f"data error: {error}", file=sys.stderr)
+            return 2
+        except ConfigChanged as error:
+            print(f"config error: {error}", file=sys.stderr)
             return 2
         except CheckpointError as error:
             print(f"checkpoint error: {error}", file=sys.stderr)

@@ -117,6 +117,47 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+RESUME_SAFE_KEYS = frozenset({
+    "num_epochs", "save_every_steps", "save_only_improve", "batch_size_eval", "resume", "load_model_path", "project",
+    "allow_config_change", "max_new_tokens", "debug",
+})
+"""Keys a resumed run may change without changing what it trains (``num_epochs`` only with a constant lr:
+under the cosine schedule it moves every later step's rate)."""
+
+
+class ConfigChanged(ValueError):
+    """The config differs from the resumed checkpoint's in keys that change training."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(saved: dict, config: Config, checkpoint: Path) -> None:
+    """Print the keys that differ from the checkpoint's config; refuse unsafe ones unless allowed."""
+    from noblankslate.config import config_from_dict
+
+    before = _flat(config_from_dict(saved).to_dict())
+    after = _flat(config.to_dict())
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if not changed:
+        return
+    safe = set(RESUME_SAFE_KEYS) - ({"num_epochs"} if config.lr_schedule != "constant" else set())
+    unsafe = [k for k in changed if k not in safe]
+    listing = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+    if unsafe and not config.allow_config_change:
+        raise ConfigChanged(f"resuming from {checkpoint} with a different config ({listing}); {', '.join(unsafe)} "
+                            "would change what the run trains: put them back, use another run name, or pass "
+                            "allow_config_change=true")
+    print0(f"resuming from {checkpoint} with config changes: {listing}")
+
+
 def data_stage(config: Config, stage: int) -> int:
     """The stage as the training data sees it: every stage past ``max_latent_stage`` removes all steps and
     builds the same sequences, so those stages are one (the optimizer is renewed only when this changes)."""
@@ -194,6 +235,7 @@ class Trainer:
 
         if resume_from is not None:
             checkpoint = load_checkpoint(resume_from)
+            check_resume_config(checkpoint.config, config, resume_from)
             self.start_epoch = checkpoint.epoch
             self.best_accuracy = checkpoint.train_state.get("best_accuracy", 0.0)
             self.global_step = checkpoint.train_state.get("global_step", 0)
