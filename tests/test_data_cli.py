@@ -158,3 +158,14 @@ def test_nbs_console_script_runs() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("check", "gsm-icot", "gsm-jsonl", "prontoqa", "stats"):
         assert command in result.stdout
+
+
+def test_check_and_train_agree_on_an_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from noblankslate.data.schema import DataError, load_examples
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert main(["data", "check", str(empty)]) == 1
+    assert f"{empty}: no records" in capsys.readouterr().out
+    with pytest.raises(DataError, match="no records"):
+        load_examples(empty)

@@ -100,7 +100,10 @@ def read_records(path: str | Path) -> list[Any]:
 
 
 def check_records(records: list[Any], path: str | Path) -> list[RecordProblem]:
-    """Every problem of every record (empty when the file is good)."""
+    """Every problem of every record (empty when the file is good); a file without records is a problem,
+    as it is for training (``load_examples``), so ``nbs data check`` and ``nbs train`` agree."""
+    if not records:
+        return [RecordProblem(str(path), None, None, "no records")]
     problems: list[RecordProblem] = []
     for index, record in enumerate(records):
         problems.extend(_record_problems(str(path), index, record))
