@@ -129,10 +129,11 @@ def test_mismatch_is_named():
         tokenize_examples([example], tok)
 
 
-def test_only_the_first_examples_are_checked():
+def test_every_example_is_checked_by_default():
     good = Example(idx=0, question="Tom is a wumpus.", answer="yes", steps=("Tom.",))
     bad = Example(idx=1, question="Is Tom a wumpus? ", answer="yes", steps=("Tom.",))
-    tok = build_word_tokenizer(parts(good) + parts(bad))
-    assert len(tokenize_examples([good, bad], tok)) == 2
-    with pytest.raises(TokenizationMismatchError):
-        tokenize_examples([good, bad], tok, n_check=2)
+    worse = Example(idx=2, question="Is Tom a tumpus? ", answer="yes", steps=("Tom.",))
+    tok = build_word_tokenizer(parts(good) + parts(bad) + parts(worse))
+    with pytest.raises(TokenizationMismatchError, match=r"example 1 differently.*\(1 more records"):
+        tokenize_examples([good, bad, worse], tok)
+    assert len(tokenize_examples([good, bad], tok, n_check=1)) == 2  # the original's check of the first only

@@ -7,6 +7,7 @@ import sys
 
 from noblankslate.config import ConfigError, load_config
 from noblankslate.data.schema import DataError
+from noblankslate.data.tokenize import TokenizationMismatchError
 
 
 def train(config_path: str, overrides: list[str]) -> int:
@@ -25,7 +26,7 @@ def train(config_path: str, overrides: list[str]) -> int:
     with distributed_context() as context:
         try:
             run_training(config, context)
-        except DataError as error:
+        except (DataError, TokenizationMismatchError) as error:
             print(f"data error: {error}", file=sys.stderr)
             return 2
         except ConfigChanged as error:

@@ -8,7 +8,8 @@ latent tokens by list slicing, without re-tokenizing every epoch:
     answer:   encode("### " + answer, add_special_tokens=False) + [eos]
 
 That is only correct when tokenizing the parts gives the tokens of the whole text, so (like the
-original) the first example is checked and a :class:`TokenizationMismatchError` is raised otherwise.
+original) every example is checked (the original checked the first) and a
+:class:`TokenizationMismatchError` is raised otherwise.
 """
 
 from __future__ import annotations
@@ -79,15 +80,16 @@ def check_tokenization(example: Example, tokenized: TokenizedExample, tokenizer:
 
 
 def tokenize_examples(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, n_check: int = 1
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, n_check: int | None = None
 ) -> list[TokenizedExample]:
     """Tokenize every example in parts, with one batched tokenizer call per kind of part.
 
     Args:
         examples: the loaded data set.
         tokenizer: the run's tokenizer (with an eos token).
-        n_check: how many leading examples to check against the whole-text tokenization (the original
-            checks one; the check is one extra ``encode`` per example).
+        n_check: how many leading examples to check against the whole-text tokenization; None (the
+            default) checks every one, in one more batched tokenizer call. The original checked only the
+            first, so a bad record later in the file went through.
 
     Returns:
         One :class:`TokenizedExample` per example, in order.
@@ -107,6 +109,13 @@ def tokenize_examples(
     for example, question, answer in zip(examples, questions, answers):
         steps = tuple(tuple(next(steps_iter)) for _ in example.steps)
         result.append(TokenizedExample(example.idx, tuple(question), steps, (*answer, eos)))
-    for example, tokenized in zip(examples[:n_check], result[:n_check]):
-        check_tokenization(example, tokenized, tokenizer)
+    checked = list(examples[:n_check]) if n_check is not None else list(examples)
+    wholes = _encode_batch(tokenizer, [full_text(e) for e in checked], add_special_tokens=True)
+    bad = [i for i, (whole, tokenized) in enumerate(zip(wholes, result)) if whole + [eos] != tokenized.full_ids()]
+    if bad:
+        try:
+            check_tokenization(checked[bad[0]], result[bad[0]], tokenizer)
+        except TokenizationMismatchError as error:
+            more = f" ({len(bad) - 1} more records are split differently too)" if len(bad) > 1 else ""
+            raise TokenizationMismatchError(f"{error}{more}") from None
     return result
