@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from noblankslate.train.distributed import DistributedContext
+from noblankslate.runtime import DistributedContext
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -38,7 +38,7 @@ from noblankslate.memory.controller import MemoryController
 from noblankslate.memory.controls import ShuffledNeighbours, full_replacement, random_memory
 from noblankslate.memory.evaluation import exit_calibration
 from noblankslate.memory.metrics import retrieval_metrics
-from noblankslate.train.distributed import distributed_context, print0
+from noblankslate.runtime import distributed_context, print0
 
 
 def choose(results: list[dict], max_loss: float) -> dict:

@@ -24,7 +24,7 @@ from noblankslate.data.convert import write_json_atomic
 from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
 from noblankslate.eval.plots import plot_run
 from noblankslate.memory.report import build_report, plot_report
-from noblankslate.train.distributed import distributed_context
+from noblankslate.runtime import distributed_context
 from noblankslate.train.loop import EpochResult, Trainer
 from noblankslate.train.track import read_metrics
 

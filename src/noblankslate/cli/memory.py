@@ -14,7 +14,7 @@ def build(config_path: str, overrides: list[str]) -> int:
     from noblankslate.data.schema import DataError
     from noblankslate.eval.setup import setup_run
     from noblankslate.memory.builder import build_memory, saved_key_head
-    from noblankslate.train.distributed import distributed_context, print0
+    from noblankslate.runtime import distributed_context, print0
     from noblankslate.train.parallel import wrap_model
 
     try:

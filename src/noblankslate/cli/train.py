@@ -12,7 +12,7 @@ from noblankslate.data.tokenize import TokenizationMismatchError
 
 def train(config_path: str, overrides: list[str]) -> int:
     """Load and validate the config, then train; config and data errors stop before any work."""
-    from noblankslate.train.distributed import distributed_context
+    from noblankslate.runtime import distributed_context
     from noblankslate.train.checkpoint import CheckpointError
     from noblankslate.train.lock import RunLocked
     from noblankslate.train.loop import ConfigChanged, TrainingDiverged, TrainingInterrupted

@@ -17,7 +17,7 @@ import torch
 from noblankslate.data.schema import Example
 from noblankslate.eval.answers import extract_answer, extract_cot, normalize_answer, reference_cot
 from noblankslate.model.coconut import Coconut
-from noblankslate.train.distributed import DistributedContext
+from noblankslate.runtime import DistributedContext
 
 Features = dict[str, Any]
 

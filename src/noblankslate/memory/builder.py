@@ -41,7 +41,7 @@ from noblankslate.memory.probe import ExitProbe, fit_exit_probe
 from noblankslate.memory.projection import PCAProjection
 from noblankslate.memory.store import LatentMemory, MemoryFileError
 from noblankslate.model.coconut import Coconut
-from noblankslate.train.distributed import DistributedContext
+from noblankslate.runtime import DistributedContext
 
 KEY_MAP_SUFFIX = ".keymap.npz"
 VALUE_MAP_SUFFIX = ".valuemap.npz"

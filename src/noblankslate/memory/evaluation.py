@@ -30,7 +30,7 @@ from noblankslate.memory.builder import LinearKeyMap, build_memory, with_thought
 from noblankslate.memory.controller import MemoryController, MemoryParts
 from noblankslate.memory.metrics import METRICS_FILE, retrieval_metrics
 from noblankslate.model.coconut import Coconut
-from noblankslate.train.distributed import DistributedContext
+from noblankslate.runtime import DistributedContext
 
 
 def exit_calibration(model: Coconut, setup: RunSetup, parts: MemoryParts, stage: int,

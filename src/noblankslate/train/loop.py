@@ -61,7 +61,7 @@ from noblankslate.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from noblankslate.train.distributed import DistributedContext, print0
+from noblankslate.runtime import DistributedContext, print0
 from noblankslate.train.lock import RunLock, RunLocked
 from noblankslate.train.parallel import ParallelModel, autocast, wrap_model
 from noblankslate.train.track import Tracker

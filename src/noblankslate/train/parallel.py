@@ -17,7 +17,7 @@ from torch import nn
 
 from noblankslate.config import Config
 from noblankslate.model.coconut import Coconut
-from noblankslate.train.distributed import DistributedContext
+from noblankslate.runtime import DistributedContext
 
 
 @dataclass
