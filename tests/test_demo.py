@@ -19,7 +19,7 @@ def test_demo_pipeline_writes_its_table_and_plots(tmp_path, capsys):
     }
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
     rows = run_demo(tmp_path / "out", tmp_path / "demo.yaml", DemoData(train_examples=40, valid_examples=10))
-    assert [row["method"] for row in rows] == ["CoT (stage 0, epoch 1)", "Coconut (stage 1, epoch 2)",
+    assert [row["method"] for row in rows] == ["stage 0 = written chain (epoch 1)", "Coconut (stage 1, epoch 2)",
                                                "Coconut + memory (nudge)", "Coconut + memory (nudge + exit)"]
     run_dir = tmp_path / "out" / "demo"
     assert json.loads((tmp_path / "out" / "demo_table.json").read_text()) == rows
