@@ -110,7 +110,8 @@ def format_markdown(table: dict[str, Any]) -> str:
     hops = sorted({k for e in table["rows"] for k in e["accuracy_by_steps"]}, key=int)
     if len(hops) > 1:
         lines += ["", "Accuracy by the question's number of reasoning steps (all seeds):", "",
-                  "| row | " + " | ".join(f"{h} steps" for h in hops) + " |", "|---|" + "---:|" * len(hops)]
+                  "| row | " + " | ".join(f"{h} step" + ("s" if h != "1" else "") for h in hops) + " |",
+                  "|---|" + "---:|" * len(hops)]
         for e in table["rows"]:
             cells = [f"{100 * e['accuracy_by_steps'][h]:.1f}%" if h in e["accuracy_by_steps"] else "-" for h in hops]
             lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
