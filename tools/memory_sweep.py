@@ -108,7 +108,7 @@ def main() -> int:
                 return result, time.perf_counter() - began
             return run
 
-        def compare(run, off, parts, nudge):
+        def compare(run, off, parts, retrieval, nudge):
             full, full_seconds = run(MemoryController(parts, retrieval, dataclasses.replace(nudge, exit_threshold=None)))
             on, on_seconds = (full, full_seconds) if nudge.exit_threshold is None else \
                 run(MemoryController(parts, retrieval, nudge))
@@ -127,7 +127,7 @@ def main() -> int:
                             continue
                         nudge = dataclasses.replace(config.nudge, alpha_max=alpha, exit_metric=metric,
                                                     exit_threshold=None if threshold == "off" else float(threshold))
-                        m = compare(tune_run, tune_off, built.parts, nudge)
+                        m = compare(tune_run, tune_off, built.parts, retrieval, nudge)
                         m["split"] = "tune"
                         m["setting"] = {"alpha_max": alpha, "temperature": temperature, "exit_metric": metric,
                                         "exit_threshold": nudge.exit_threshold}
@@ -140,17 +140,17 @@ def main() -> int:
 
         val_run = evaluator(setup.val, setup.val_tokens)
         val_off = val_run()
-        report = {"chosen": compare(val_run, val_off, built.parts, nudge)}
+        report = {"chosen": compare(val_run, val_off, built.parts, retrieval, nudge)}
         plain_nudge = dataclasses.replace(nudge, exit_threshold=None)
         report["control: random entries"] = compare(val_run, val_off, random_memory(built.parts, seed=config.seed),
-                                                    plain_nudge)
+                                                    retrieval, plain_nudge)
         shuffled = ShuffledNeighbours(built.parts, retrieval, plain_nudge, seed=config.seed)
         shuffled_eval, shuffled_seconds = val_run(shuffled)
         report["control: shuffled neighbours"] = retrieval_metrics(
             val_off[0], shuffled_eval, shuffled_eval, built.parts.store.stats(),
             {"off": val_off[1], "full": shuffled_seconds, "on": shuffled_seconds}, 0, stage)
         replaced_parts, replaced_nudge = full_replacement(built.parts, nudge)
-        report["control: full replacement"] = compare(val_run, val_off, replaced_parts, replaced_nudge)
+        report["control: full replacement"] = compare(val_run, val_off, replaced_parts, retrieval, replaced_nudge)
         for m in report.values():
             m["split"] = "valid"
 

@@ -473,6 +473,17 @@ def _apply_legacy_local(raw: dict[str, Any]) -> None:
         raise ConfigError(f"local: expected true or false, got {local!r}")
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config mapping with its sections as dotted keys (``retrieval.k``), for listing differences."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``a.b=value`` into (["a", "b"], value); the value is read as YAML (``3e-4``, ``true``, ``null``)."""
     if "=" not in text:

@@ -15,7 +15,11 @@ def train(config_path: str, overrides: list[str]) -> int:
     from noblankslate.runtime import distributed_context
     from noblankslate.train.checkpoint import CheckpointError
     from noblankslate.train.lock import RunLocked
-    from noblankslate.train.loop import ConfigChanged, TrainingDiverged, TrainingInterrupted
+    from noblankslate.train.loop import (
+        ConfigChanged,
+        TrainingDiverged,
+        TrainingInterrupted,
+    )
     from noblankslate.train.loop import train as run_training
 
     try:
@@ -23,27 +27,17 @@ def train(config_path: str, overrides: list[str]) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    # Expected failures: one line on stderr and an exit status, no traceback (others keep theirs).
+    expected = [((DataError, TokenizationMismatchError), "data error:", 2), ((ConfigChanged,), "config error:", 2),
+                ((CheckpointError,), "checkpoint error:", 2), ((RunLocked,), "run folder in use:", 2),
+                ((TrainingInterrupted,), "training", 130), ((TrainingDiverged,), "training stopped:", 1)]
     with distributed_context() as context:
         try:
             run_training(config, context)
-        except (DataError, TokenizationMismatchError) as error:
-            print(f"data error: {error}", file=sys.stderr)
-            return 2
-        except ConfigChanged as error:
-            print(f"config error: {error}", file=sys.stderr)
-            return 2
-        except CheckpointError as error:
-            print(f"checkpoint error: {error}", file=sys.stderr)
-            return 2
-        except RunLocked as error:
-            print(f"run folder in use: {error}", file=sys.stderr)
-            return 2
-        except TrainingInterrupted as error:
-            print(f"training {error}", file=sys.stderr)
-            return 130
-        except TrainingDiverged as error:
-            print(f"training stopped: {error}", file=sys.stderr)
-            return 1
+        except tuple(kind for kinds, _, _ in expected for kind in kinds) as error:
+            label, status = next((label, status) for kinds, label, status in expected if isinstance(error, kinds))
+            print(f"{label} {error}", file=sys.stderr)
+            return status
     return 0
 
 

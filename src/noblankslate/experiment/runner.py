@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from noblankslate.config import Config, load_config
+from noblankslate.config import Config, flatten, load_config
 from noblankslate.experiment.rows import Row
 
 RESULTS_DIR = "results"
@@ -80,17 +80,6 @@ def _comparable(config: Config) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict()))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config sections as dotted keys (``retrieval.k``)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def result_path(out: str | Path, job: Job) -> Path:
     return Path(out) / RESULTS_DIR / f"{job.name}.json"
 
@@ -105,9 +94,9 @@ def finished_result(out: str | Path, job: Job) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text(encoding="utf-8"))
-    stored, wanted = _flatten(result.get("config", {})), _flatten(_comparable(job.config))
+    stored, wanted = flatten(result.get("config", {})), flatten(_comparable(job.config))
     # A key added to the config since the result was stored counts as its default value.
-    default = _flatten(_comparable(Config(coconut=True)))
+    default = flatten(_comparable(Config(coconut=True)))
     differing = sorted(k for k in set(stored) | set(wanted)
                        if stored.get(k, default.get(k)) != wanted.get(k, default.get(k)))
     if differing:

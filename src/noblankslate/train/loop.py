@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from noblankslate.config import Config
+from noblankslate.config import Config, config_from_dict, flatten
 from noblankslate.data.curriculum import (
     Features,
     prompt_view,
@@ -52,6 +52,7 @@ from noblankslate.memory.contrastive import (
 from noblankslate.memory.evaluation import evaluate_memory
 from noblankslate.model.build import uses_latent_tokens
 from noblankslate.model.weights import read_state_dict
+from noblankslate.runtime import DistributedContext, print0
 from noblankslate.train.checkpoint import (
     capture_rng_state,
     check_run_folder,
@@ -61,7 +62,6 @@ from noblankslate.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from noblankslate.runtime import DistributedContext, print0
 from noblankslate.train.lock import RunLock, RunLocked
 from noblankslate.train.parallel import ParallelModel, autocast, wrap_model
 from noblankslate.train.track import Tracker
@@ -129,22 +129,10 @@ class ConfigChanged(ValueError):
     """The config differs from the resumed checkpoint's in keys that change training."""
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resume_config(saved: dict, config: Config, checkpoint: Path) -> None:
     """Print the keys that differ from the checkpoint's config; refuse unsafe ones unless allowed."""
-    from noblankslate.config import config_from_dict
-
-    before = _flat(config_from_dict(saved).to_dict())
-    after = _flat(config.to_dict())
+    before = flatten(config_from_dict(saved).to_dict())
+    after = flatten(config.to_dict())
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     if not changed:
         return
