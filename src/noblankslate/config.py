@@ -22,9 +22,13 @@ from typing import Any
 
 import yaml
 
+from noblankslate.errors import NbsError
 
-class ConfigError(ValueError):
+
+class ConfigError(NbsError, ValueError):
     """A config file or override is invalid; the message names the key and what is allowed."""
+
+    label = "config error"
 
 
 METHOD_FLAGS = ("coconut", "cot", "no_thoughts", "no_cot", "pause_token")

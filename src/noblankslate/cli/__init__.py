@@ -1,7 +1,9 @@
 """The ``nbs`` command: subcommands mapped to plain typed functions.
 
 Each subcommand group lives in its own module of this package and exposes ``register(subparsers)``;
-nothing outside ``cli`` imports from it.
+nothing outside ``cli`` imports from it. Expected errors (:class:`noblankslate.errors.NbsError`) and
+file-system errors are caught here, once, for every subcommand: one line on stderr, the error's exit
+status, no traceback. Other exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from noblankslate.cli import experiment as experiment_commands
 from noblankslate.cli import memory as memory_commands
 from noblankslate.cli import plot as plot_commands
 from noblankslate.cli import train as train_commands
+from noblankslate.errors import NbsError, describe_os_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except NbsError as error:
+        print(f"{error.label}: {error}", file=sys.stderr)
+        return error.exit_code
+    except OSError as error:
+        if error.filename is None:  # not about a file the user can fix: keep the traceback
+            raise
+        print(f"file error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

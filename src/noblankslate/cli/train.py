@@ -3,41 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from noblankslate.config import ConfigError, load_config
-from noblankslate.data.schema import DataError
-from noblankslate.data.tokenize import TokenizationMismatchError
+from noblankslate.config import load_config
 
 
 def train(config_path: str, overrides: list[str]) -> int:
-    """Load and validate the config, then train; config and data errors stop before any work."""
+    """Load and validate the config, then train; config and data errors stop before any work.
+
+    Expected errors (bad config or data, a damaged checkpoint, a folder in use, a diverged or interrupted
+    run) reach ``nbs``'s one handler as :class:`~noblankslate.errors.NbsError` with their exit status.
+    """
     from noblankslate.runtime import distributed_context
-    from noblankslate.train.checkpoint import CheckpointError
-    from noblankslate.train.lock import RunLocked
-    from noblankslate.train.loop import (
-        ConfigChanged,
-        TrainingDiverged,
-        TrainingInterrupted,
-    )
     from noblankslate.train.loop import train as run_training
 
-    try:
-        config = load_config(config_path, overrides)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    # Expected failures: one line on stderr and an exit status, no traceback (others keep theirs).
-    expected = [((DataError, TokenizationMismatchError), "data error:", 2), ((ConfigChanged,), "config error:", 2),
-                ((CheckpointError,), "checkpoint error:", 2), ((RunLocked,), "run folder in use:", 2),
-                ((TrainingInterrupted,), "training", 130), ((TrainingDiverged,), "training stopped:", 1)]
+    config = load_config(config_path, overrides)
     with distributed_context() as context:
-        try:
-            run_training(config, context)
-        except tuple(kind for kinds, _, _ in expected for kind in kinds) as error:
-            label, status = next((label, status) for kinds, label, status in expected if isinstance(error, kinds))
-            print(f"{label} {error}", file=sys.stderr)
-            return status
+        run_training(config, context)
     return 0
 
 

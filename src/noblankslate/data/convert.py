@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from noblankslate.errors import NbsError
 from noblankslate.files import give_plain_mode
 
 Record = dict[str, Any]
@@ -42,8 +43,10 @@ PRONTOQA_FIELDS = {"question": str, "query": str, "chain_of_thought": list, "ans
 
 
 @dataclass(eq=False)
-class ConversionError(ValueError):
+class ConversionError(NbsError, ValueError):
     """Malformed converter input: which file, where in it (line or record), which field, and what is wrong."""
+
+    label = "conversion error"
 
     path: str
     where: str | None

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from noblankslate.errors import NbsError
+
 REQUIRED_FIELDS = ("question", "answer", "steps")
 
 
@@ -44,8 +46,10 @@ class RecordProblem:
         return f"{where}: {self.message}"
 
 
-class DataError(ValueError):
+class DataError(NbsError, ValueError):
     """A data file is unreadable or has bad records; ``problems`` lists every one found."""
+
+    label = "data error"
 
     def __init__(self, problems: list[RecordProblem], shown: int = 10):
         self.problems = problems

@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from noblankslate.data.schema import Example
+from noblankslate.errors import NbsError
 
 
-class TokenizationMismatchError(ValueError):
+class TokenizationMismatchError(NbsError, ValueError):
     """Tokenizing an example's parts separately gives other tokens than tokenizing the whole text."""
+
+    label = "data error"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from noblankslate.config import Config, flatten, load_config
+from noblankslate.errors import NbsError
 from noblankslate.experiment.rows import Row
 
 RESULTS_DIR = "results"
@@ -30,8 +31,10 @@ RUNS_DIR = "runs"
 LOGS_DIR = "logs"
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(NbsError, RuntimeError):
     """The experiment cannot go on (a row failed, or results on disk disagree with the config)."""
+
+    label = "experiment error"
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,18 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
+from noblankslate.errors import NbsError
+
 FORMAT_NAME = "noblankslate-pca"
 FORMAT_VERSION = 1
 _FIT_BLOCK = 8192
 _ORTHONORMAL_TOL = 1e-3
 
 
-class ProjectionFileError(RuntimeError):
+class ProjectionFileError(NbsError, RuntimeError):
     """A saved projection is missing, unreadable or inconsistent; the message names the file."""
+
+    label = "memory file error"
 
 
 class PCAProjection:

@@ -38,6 +38,8 @@ import faiss
 import numpy as np
 from numpy.typing import ArrayLike
 
+from noblankslate.errors import NbsError
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("cosine", "ip", "l2")
@@ -55,8 +57,10 @@ _HASH_CHUNK = 1 << 20
 _EXPECTED_DIM_KEYS = ("key_dim", "steps", "value_dim", "metric", "value_dtype")
 
 
-class MemoryFileError(RuntimeError):
+class MemoryFileError(NbsError, RuntimeError):
     """A saved memory is missing, damaged, inconsistent or from another model; the message names the file."""
+
+    label = "memory file error"
 
 
 def sidecar_paths(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:

@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from noblankslate.errors import NbsError
 from noblankslate.files import give_plain_mode
 from noblankslate.model.coconut import Coconut
 
@@ -63,8 +64,10 @@ _SHOWN_KEYS = 5
 RunKind = Literal["coconut", "causallm"]
 
 
-class WeightsError(ValueError):
+class WeightsError(NbsError, ValueError):
     """A weights file cannot be read, or does not fit the model; the message names the file or keys."""
+
+    label = "weights error"
 
 
 @dataclass(frozen=True)

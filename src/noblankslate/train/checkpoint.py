@@ -38,6 +38,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from noblankslate.config import Config
+from noblankslate.errors import NbsError
 from noblankslate.model.weights import MODEL_FILE, WeightsError, read_state_dict, save_state_dict
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ _CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)(?:_step_(\d+))?")
 _LEFTOVER_NAME = re.compile(r"\.(checkpoint_\d+(?:_step_\d+)?)\.(tmp|old)-.+")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(NbsError, RuntimeError):
     """A checkpoint is missing, incomplete or damaged; the message names the folder or file."""
+
+    label = "checkpoint error"
 
 
 @dataclass

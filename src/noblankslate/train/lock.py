@@ -15,11 +15,15 @@ import socket
 import time
 from pathlib import Path
 
+from noblankslate.errors import NbsError
+
 LOCK_FILE = ".lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(NbsError, RuntimeError):
     """Another live run holds the run folder."""
+
+    label = "run folder in use"
 
 
 def _alive(pid: int) -> bool:

@@ -36,6 +36,7 @@ from noblankslate.data.curriculum import (
     training_view,
     validation_loss_view,
 )
+from noblankslate.errors import NbsError
 from noblankslate.eval.evaluate import (
     GenerationEval,
     evaluate_generation,
@@ -69,8 +70,11 @@ from noblankslate.train.track import Tracker
 PREDICTIONS_FILE = "predictions_epoch_{epoch}.jsonl"
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(NbsError, RuntimeError):
     """SIGINT/SIGTERM stopped training after a step; ``checkpoint`` is where it can resume from."""
+
+    label = "training"
+    exit_code = 130
 
     def __init__(self, epoch: int, step: int, steps: int, checkpoint: Path | None):
         self.checkpoint = checkpoint
@@ -79,8 +83,11 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(f"interrupted {done}; {where}; run the same command again to resume")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(NbsError, RuntimeError):
     """The loss became NaN or infinite: training stops before the update, keeping the last good checkpoint."""
+
+    label = "training stopped"
+    exit_code = 1
 
 
 @dataclass
@@ -125,8 +132,10 @@ RESUME_SAFE_KEYS = frozenset({
 under the cosine schedule it moves every later step's rate)."""
 
 
-class ConfigChanged(ValueError):
+class ConfigChanged(NbsError, ValueError):
     """The config differs from the resumed checkpoint's in keys that change training."""
+
+    label = "config error"
 
 
 def check_resume_config(saved: dict, config: Config, checkpoint: Path) -> None:
