@@ -33,7 +33,7 @@ def test_check_lists_every_bad_record_with_index_and_field(tmp_path: Path, capsy
         "not a record",
     ]
     path = _write(tmp_path / "bad.json", records)
-    assert main(["data", "check", str(path)]) == 1
+    assert main(["data", "check", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [
         f"{path}: record 1, field 'answer': missing",
@@ -48,9 +48,9 @@ def test_check_lists_every_bad_record_with_index_and_field(tmp_path: Path, capsy
 def test_check_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "broken.json"
     path.write_text('[{"question": ')
-    assert main(["data", "check", str(path)]) == 1
-    assert capsys.readouterr().err.startswith(f"{path}: not valid JSON")
-    assert main(["data", "check", str(tmp_path / "missing.json")]) == 1
+    assert main(["data", "check", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"data error: {path}: not valid JSON")
+    assert main(["data", "check", str(tmp_path / "missing.json")]) == 2
     assert "file not found" in capsys.readouterr().err
 
 
@@ -69,10 +69,10 @@ def test_gsm_icot_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_gsm_icot_command_bad_input_and_own_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = tmp_path / "valid.txt"
     source.write_text("A?||<<1=1>> #### 1\nB? <<1=1>> #### 1\n")
-    assert main(["data", "gsm-icot", str(source), str(tmp_path / "out.json")]) == 1
-    assert capsys.readouterr().err.startswith(f"{source}: line 2: expected one '||'")
+    assert main(["data", "gsm-icot", str(source), str(tmp_path / "out.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"conversion error: {source}: line 2: expected one '||'")
     source.write_text("A?||<<1=1>> #### 1\n")
-    assert main(["data", "gsm-icot", str(source), str(source)]) == 1
+    assert main(["data", "gsm-icot", str(source), str(source)]) == 2
     assert "refusing to overwrite the input file" in capsys.readouterr().err
     assert source.read_text() == "A?||<<1=1>> #### 1\n"
 
@@ -92,7 +92,7 @@ def test_gsm_jsonl_command_with_exclusion(tmp_path: Path, capsys: pytest.Capture
     assert capsys.readouterr().out == f"{out}: 1 records from {source}, 1 excluded as questions of {valid}\n"
     # A bad exclusion file is reported like any bad data file.
     bad = _write(tmp_path / "bad.json", [{"answer": "1", "steps": []}])
-    assert main(["data", "gsm-jsonl", str(source), str(out), "--exclude-questions-of", str(bad)]) == 1
+    assert main(["data", "gsm-jsonl", str(source), str(out), "--exclude-questions-of", str(bad)]) == 2
     assert f"{bad}: record 0, field 'question': missing" in capsys.readouterr().err
 
 
@@ -147,9 +147,9 @@ def test_stats_command_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixt
     assert lines[1].split() == ["examples", "1", "2"]
     assert [line.split() for line in lines[4:6]] == [["1", "0.0%", "100.0%"], ["2", "100.0%", "0.0%"]]
     bad = _write(tmp_path / "bad.json", [{"question": "q"}])
-    assert main(["data", "stats", str(bad)]) == 1
+    assert main(["data", "stats", str(bad)]) == 2
     assert "record 0, field 'answer': missing" in capsys.readouterr().err
-    assert main(["data", "stats", str(a), "--tokenizer", str(tmp_path / "nope")]) == 1
+    assert main(["data", "stats", str(a), "--tokenizer", str(tmp_path / "nope")]) == 2
     assert "tokenizer folder not found" in capsys.readouterr().err
 
 
@@ -165,7 +165,7 @@ def test_check_and_train_agree_on_an_empty_file(tmp_path: Path, capsys: pytest.C
 
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    assert main(["data", "check", str(empty)]) == 1
+    assert main(["data", "check", str(empty)]) == 2
     assert f"{empty}: no records" in capsys.readouterr().out
     with pytest.raises(DataError, match="no records"):
         load_examples(empty)

@@ -27,8 +27,8 @@ def test_plot_command_writes_a_png(tmp_path, capsys):
 
 
 def test_plot_command_errors(tmp_path, capsys):
-    assert main(["plot", str(tmp_path)]) == 1
+    assert main(["plot", str(tmp_path)]) == 2
     assert "no metrics" in capsys.readouterr().err
     (tmp_path / "metrics.jsonl").write_text('{"event": "step"}\nnot json\n')
-    assert main(["plot", str(tmp_path)]) == 1
+    assert main(["plot", str(tmp_path)]) == 2
     assert "line 2 is not JSON" in capsys.readouterr().err

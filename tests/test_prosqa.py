@@ -289,6 +289,6 @@ def test_cli_small_graphs_and_ranges(tmp_path):
 def test_cli_refuses_to_overwrite_an_excluded_file(tmp_path, capsys):
     source = tmp_path / "valid.json"
     source.write_text(json.dumps([good()]))
-    assert main(["data", "prosqa", "--num", "3", "--out", str(source), "--exclude", str(source)]) == 1
+    assert main(["data", "prosqa", "--num", "3", "--out", str(source), "--exclude", str(source)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert json.loads(source.read_text()) == [good()]

@@ -25,6 +25,24 @@ class NbsError(Exception):
     exit_code = 2
 
 
+class InvalidValue(NbsError, ValueError):
+    """An option, argument or setting outside what is allowed (the message names it and the range)."""
+
+    label = "invalid value"
+
+
+class InputError(NbsError, ValueError):
+    """An input file or folder that cannot be used as given (missing, empty, not what it should be)."""
+
+    label = "input error"
+
+
+class GenerationError(NbsError, RuntimeError):
+    """A data generator cannot produce what was asked (e.g. too few distinct questions exist)."""
+
+    label = "data generation"
+
+
 def describe_os_error(error: OSError) -> str:
     """One line for a file-system error: what happened, and to which file."""
     where = error.filename if error.filename is not None else "(no file named)"

@@ -6,47 +6,41 @@ import argparse
 import sys
 
 from noblankslate.data.schema import DataError, check_records, read_records
+from noblankslate.errors import NbsError
+
+
+class DataCheckFailed(NbsError):
+    """``nbs data check`` found bad records (each is printed on stdout before this one-line summary)."""
+
+    label = "data error"
 
 
 def check(path: str) -> int:
-    """Validate a data file; print every bad record (index and field). Returns 1 if any."""
-    try:
-        records = read_records(path)
-    except DataError as error:
-        print(error, file=sys.stderr)
-        return 1
+    """Validate a data file; print every bad record (index and field), then fail (exit 2) if any."""
+    records = read_records(path)
     problems = check_records(records, path)
     for problem in problems:
         print(problem)
     if problems:
-        print(f"{path}: {len(problems)} problem(s) in {len(records)} records", file=sys.stderr)
-        return 1
+        raise DataCheckFailed(f"{path}: {len(problems)} problem(s) in {len(records)} records (listed above)")
     print(f"{path}: {len(records)} records, all valid")
     return 0
 
 
 def convert_gsm_icot(in_path: str, out_path: str) -> int:
-    """Internalize-CoT GSM8K text -> Coconut JSON. Returns 1 (with the error on stderr) on bad input."""
-    from noblankslate.data.convert import ConversionError, convert_gsm_icot_file
+    """Internalize-CoT GSM8K text -> Coconut JSON. Bad input raises a ConversionError naming line and field."""
+    from noblankslate.data.convert import convert_gsm_icot_file
 
-    try:
-        n = convert_gsm_icot_file(in_path, out_path)
-    except ConversionError as error:
-        print(error, file=sys.stderr)
-        return 1
+    n = convert_gsm_icot_file(in_path, out_path)
     print(f"{out_path}: {n} records from {in_path}")
     return 0
 
 
 def convert_gsm_jsonl(in_path: str, out_path: str, exclude_questions_of: str | None = None) -> int:
     """Original GSM8K jsonl -> Coconut JSON, optionally minus the questions of another Coconut JSON file."""
-    from noblankslate.data.convert import ConversionError, convert_gsm_jsonl_file
+    from noblankslate.data.convert import convert_gsm_jsonl_file
 
-    try:
-        n, n_excluded = convert_gsm_jsonl_file(in_path, out_path, exclude_questions_of)
-    except (ConversionError, DataError) as error:
-        print(error, file=sys.stderr)
-        return 1
+    n, n_excluded = convert_gsm_jsonl_file(in_path, out_path, exclude_questions_of)
     excluded = f", {n_excluded} excluded as questions of {exclude_questions_of}" if exclude_questions_of else ""
     print(f"{out_path}: {n} records from {in_path}{excluded}")
     return 0
@@ -54,13 +48,9 @@ def convert_gsm_jsonl(in_path: str, out_path: str, exclude_questions_of: str | N
 
 def convert_prontoqa(in_path: str, out_dir: str, prefix: str, train_size: int, valid_size: int) -> int:
     """ProntoQA generator output -> train/valid/test Coconut JSON files in ``out_dir``."""
-    from noblankslate.data.convert import ConversionError, convert_prontoqa_file
+    from noblankslate.data.convert import convert_prontoqa_file
 
-    try:
-        written = convert_prontoqa_file(in_path, out_dir, prefix, train_size, valid_size)
-    except (ConversionError, ValueError) as error:
-        print(error, file=sys.stderr)
-        return 1
+    written = convert_prontoqa_file(in_path, out_dir, prefix, train_size, valid_size)
     for path, n in written.values():
         note = " (empty: the input has no examples left for this split)" if n == 0 else ""
         print(f"{path}: {n} records{note}")
@@ -73,24 +63,14 @@ def show_stats(path: str, compare: str | None = None, tokenizer: str | None = No
 
     from noblankslate.data.stats import dataset_stats, format_table, load_token_counter
 
-    count_tokens = None
-    if tokenizer is not None:
-        try:
-            count_tokens = load_token_counter(tokenizer)
-        except ValueError as error:
-            print(error, file=sys.stderr)
-            return 1
+    count_tokens = load_token_counter(tokenizer) if tokenizer is not None else None
     columns = []
     for name in [path] if compare is None else [path, compare]:
-        try:
-            records = read_records(name)
-            problems = check_records(records, name)
-            if problems:
-                raise DataError(problems)
-            columns.append((name, dataset_stats(records, count_tokens, source=name)))
-        except DataError as error:
-            print(error, file=sys.stderr)
-            return 1
+        records = read_records(name)
+        problems = check_records(records, name)
+        if problems:
+            raise DataError(problems)
+        columns.append((name, dataset_stats(records, count_tokens, source=name)))
     if as_json:
         print(json.dumps(dict(columns), indent=2))
     else:
@@ -114,20 +94,15 @@ def prosqa(out_path: str, num: int, seed: int, exclude: list[str], small: bool =
            concepts: tuple[int, int] | None = None, distance: tuple[int, int] | None = None) -> int:
     """Generate ProsQA examples into ``out_path``, never repeating a question of the ``exclude`` files."""
     from noblankslate.data.convert import (
-        ConversionError,
         read_questions,
         write_json_atomic,
     )
     from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
 
-    try:
-        config = (ProsQAConfig.small() if small else ProsQAConfig()).with_ranges(concepts, distance)
-        excluded = {q for path in exclude for q in read_questions(path)}
-        examples = generate_prosqa(num, seed, exclude_questions=excluded, config=config)
-        write_json_atomic(examples, out_path, inputs=exclude)
-    except (ConversionError, DataError, ValueError, RuntimeError) as error:
-        print(error, file=sys.stderr)
-        return 1
+    config = (ProsQAConfig.small() if small else ProsQAConfig()).with_ranges(concepts, distance)
+    excluded = {q for path in exclude for q in read_questions(path)}
+    examples = generate_prosqa(num, seed, exclude_questions=excluded, config=config)
+    write_json_atomic(examples, out_path, inputs=exclude)
     if not exclude:
         print("note: no --exclude given; pass the published ProsQA valid/test files so that no evaluation "
               "question is generated", file=sys.stderr)
@@ -145,19 +120,14 @@ def balanced(out_path: str, num: int, seed: int, exclude: list[str], branches: t
         shortcut_accuracies,
     )
     from noblankslate.data.convert import (
-        ConversionError,
         read_questions,
         write_json_atomic,
     )
 
-    try:
-        config = BalancedConfig(branches=branches, distance=distance)
-        excluded = {q for path in exclude for q in read_questions(path)}
-        examples = generate_balanced(num, seed, exclude_questions=excluded, config=config)
-        write_json_atomic(examples, out_path, inputs=exclude)
-    except (ConversionError, DataError, ValueError, RuntimeError) as error:
-        print(error, file=sys.stderr)
-        return 1
+    config = BalancedConfig(branches=branches, distance=distance)
+    excluded = {q for path in exclude for q in read_questions(path)}
+    examples = generate_balanced(num, seed, exclude_questions=excluded, config=config)
+    write_json_atomic(examples, out_path, inputs=exclude)
     print(f"{out_path}: {len(examples)} balanced ProsQA examples (seed {seed}, {branches[0]}-{branches[1]} branches "
           f"per person, distance {distance[0]}-{distance[1]}), none repeating the {len(excluded)} excluded questions")
     if shortcuts and examples:

@@ -5,26 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 
 
 def experiment(config: str, overrides: list[str], rows: str | None, seeds: str, out: str | None,
                parallel: int | None, threads: int | None, launcher: str | None) -> int:
-    from noblankslate.config import ConfigError
-    from noblankslate.data.schema import DataError
-    from noblankslate.experiment import (
-        ExperimentError,
-        parse_rows,
-        parse_seeds,
-        run_experiment,
-    )
+    from noblankslate.experiment import parse_rows, parse_seeds, run_experiment
 
-    try:
-        chosen_rows = parse_rows(rows)
-        chosen_seeds = parse_seeds(seeds)
-    except ValueError as error:
-        print(f"experiment: {error}", file=sys.stderr)
-        return 2
+    chosen_rows = parse_rows(rows)
+    chosen_seeds = parse_seeds(seeds)
     if launcher is not None:
         # One multi-GPU run at a time unless told otherwise; threads stay the launcher's business.
         parallel = parallel or 1
@@ -33,18 +21,8 @@ def experiment(config: str, overrides: list[str], rows: str | None, seeds: str, 
     if parallel is None:
         parallel = max(1, (os.cpu_count() or 1) // (threads or 1))
     out = out or os.path.join("runs", "experiment-" + os.path.splitext(os.path.basename(config))[0])
-    try:
-        outputs = run_experiment(config, chosen_rows, chosen_seeds, out, overrides=overrides, parallel=parallel,
-                                 threads=threads, launcher=shlex.split(launcher) if launcher else None)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    except DataError as error:
-        print(f"data error: {error}", file=sys.stderr)
-        return 2
-    except ExperimentError as error:
-        print(f"experiment: {error}", file=sys.stderr)
-        return 1
+    outputs = run_experiment(config, chosen_rows, chosen_seeds, out, overrides=overrides, parallel=parallel,
+                             threads=threads, launcher=shlex.split(launcher) if launcher else None)
     print()
     print(outputs.markdown.read_text(encoding="utf-8"))
     print(f"table: {outputs.markdown}, {outputs.json}; figure: {outputs.figure}")

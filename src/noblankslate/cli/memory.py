@@ -5,33 +5,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 
 def build(config_path: str, overrides: list[str]) -> int:
     """Build the memory of the model at ``load_model_path`` from training data; save it at ``index.path``."""
     from noblankslate.config import ConfigError, load_config
-    from noblankslate.data.schema import DataError
     from noblankslate.eval.setup import setup_run
     from noblankslate.memory.builder import build_memory, saved_key_head
     from noblankslate.runtime import distributed_context, print0
     from noblankslate.train.parallel import wrap_model
 
-    try:
-        config = load_config(config_path, overrides)
-        if config.load_model_path is None:
-            raise ConfigError("nbs memory build needs load_model_path (the trained model whose thoughts to store)")
-        config = dataclasses.replace(config, only_eval=True, retrieval=dataclasses.replace(config.retrieval, enabled=True))
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(config_path, overrides)
+    if config.load_model_path is None:
+        raise ConfigError("nbs memory build needs load_model_path (the trained model whose thoughts to store)")
+    config = dataclasses.replace(config, only_eval=True, retrieval=dataclasses.replace(config.retrieval, enabled=True))
     with distributed_context() as context:
-        try:
-            setup = setup_run(config)
-            key_head = saved_key_head(config)
-        except (DataError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        setup = setup_run(config)
+        key_head = saved_key_head(config)
         parallel = wrap_model(setup.model, config, context)
         with parallel.gathered() as model:
             built = build_memory(model, setup, context, lockstep=parallel.lockstep, key_head=key_head)
@@ -43,20 +33,11 @@ def build(config_path: str, overrides: list[str]) -> int:
 def report(index_path: str, metrics_dir: str | None, plot: str | None, as_json: bool) -> int:
     """Print the report of a memory (and its per-epoch metrics); optionally draw the figures."""
     from noblankslate.memory.report import build_report, format_report, plot_report
-    from noblankslate.memory.store import MemoryFileError
 
-    try:
-        data = build_report(index_path, metrics_dir)
-    except (MemoryFileError, FileNotFoundError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    data = build_report(index_path, metrics_dir)
     print(json.dumps(data, indent=1) if as_json else format_report(data))
     if plot:
-        try:
-            print(plot_report(data, plot))
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        print(plot_report(data, plot))
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -11,12 +10,8 @@ def plot(run_dir: str, out: str | None) -> int:
     from noblankslate.eval.plots import plot_run
     from noblankslate.train.track import read_metrics
 
-    try:
-        records = read_metrics(run_dir)
-        path = plot_run(records, out or Path(run_dir) / "curves.png", title=Path(run_dir).name)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    records = read_metrics(run_dir)
+    path = plot_run(records, out or Path(run_dir) / "curves.png", title=Path(run_dir).name)
     print(path)
     return 0
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from noblankslate.data.prosqa import CONCEPTS, PEOPLE
+from noblankslate.errors import GenerationError, InvalidValue
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ class BalancedConfig:
         for name in ("branches", "distance"):
             low, high = getattr(self, name)
             if not 1 <= low <= high:
-                raise ValueError(f"{name}: need 1 <= lowest <= highest, got {low}, {high}")
+                raise InvalidValue(f"{name}: need 1 <= lowest <= highest, got {low}, {high}")
         if 2 * self.branches[1] * self.distance[1] > len(CONCEPTS):
-            raise ValueError(
+            raise InvalidValue(
                 f"branches {self.branches[1]} x distance {self.distance[1]} x 2 sides needs "
                 f"{2 * self.branches[1] * self.distance[1]} concept names; only {len(CONCEPTS)} exist")
 
@@ -126,7 +127,7 @@ def generate_balanced(num: int, seed: int, exclude_questions: Iterable[str] = ()
         config: branch and depth ranges; ``BalancedConfig()`` by default.
     """
     if num < 0:
-        raise ValueError(f"num must be >= 0, got {num}")
+        raise InvalidValue(f"num must be >= 0, got {num}")
     cfg = config or BalancedConfig()
     rng = random.Random(seed)
     seen = set(exclude_questions)
@@ -137,7 +138,7 @@ def generate_balanced(num: int, seed: int, exclude_questions: Iterable[str] = ()
         if example["question"] in seen:
             repeats += 1
             if repeats > 1000 + 10 * num:
-                raise RuntimeError(f"{repeats} repeated questions after {len(examples)} distinct ones")
+                raise GenerationError(f"{repeats} repeated questions after {len(examples)} distinct ones")
             continue
         seen.add(example["question"])
         examples.append(example)

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from noblankslate.errors import GenerationError, InvalidValue
+
 PEOPLE = (
     "Alex", "Bob", "Carol", "Davis", "Eva", "Fae", "Gabriel", "Jack", "Max", "Oliver", "Polly", "Rex",
     "Sally", "Sam", "Stella", "Tom", "Wren",
@@ -90,30 +92,30 @@ class ProsQAConfig:
     def __post_init__(self) -> None:
         def check_weights(name: str, weights: dict[int, float], low: int) -> None:
             if not weights or any(not isinstance(k, int) or k < low for k in weights):
-                raise ValueError(f"{name}: keys must be integers >= {low}, got {sorted(weights)}")
+                raise InvalidValue(f"{name}: keys must be integers >= {low}, got {sorted(weights)}")
             if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-                raise ValueError(f"{name}: weights must be >= 0 with a positive sum")
+                raise InvalidValue(f"{name}: weights must be >= 0 with a positive sum")
 
         check_weights("concept_weights", self.concept_weights, 2)
         check_weights("extra_people_weights", self.extra_people_weights, 0)
         check_weights("extra_children_weights", self.extra_children_weights, 1)
         check_weights("indegree_weights", self.indegree_weights, 1)
         if max(self.concept_weights) > len(CONCEPTS):
-            raise ValueError(f"concept_weights: at most {len(CONCEPTS)} concept names exist")
+            raise InvalidValue(f"concept_weights: at most {len(CONCEPTS)} concept names exist")
         if max(self.extra_people_weights) + 2 > len(PEOPLE):
-            raise ValueError(f"extra_people_weights: at most {len(PEOPLE) - 2} distractor people")
+            raise InvalidValue(f"extra_people_weights: at most {len(PEOPLE) - 2} distractor people")
         for name in ("own_child_prob", "side_one_prob", "cross_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise InvalidValue(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("recency", "extra_recency"):
             if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+                raise InvalidValue(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.fitness_shape < 0 or self.person_weight <= 0:
-            raise ValueError("need fitness_shape >= 0 and person_weight > 0")
+            raise InvalidValue("need fitness_shape >= 0 and person_weight > 0")
         if not 1 <= self.min_distance <= self.max_distance:
-            raise ValueError(f"need 1 <= min_distance <= max_distance, got {self.min_distance}, {self.max_distance}")
+            raise InvalidValue(f"need 1 <= min_distance <= max_distance, got {self.min_distance}, {self.max_distance}")
         if self.max_tries < 1:
-            raise ValueError("max_tries must be >= 1")
+            raise InvalidValue("max_tries must be >= 1")
 
     @classmethod
     def small(cls, concepts: tuple[int, int] = (6, 9), distance: tuple[int, int] = (2, 3)) -> ProsQAConfig:
@@ -133,7 +135,7 @@ class ProsQAConfig:
         if concepts is not None:
             low, high = concepts
             if not 2 <= low <= high:
-                raise ValueError(f"need 2 <= lowest <= highest concept count, got {low}, {high}")
+                raise InvalidValue(f"need 2 <= lowest <= highest concept count, got {low}, {high}")
             changes["concept_weights"] = {m: 1.0 for m in range(low, high + 1)}
         if distance is not None:
             changes["min_distance"], changes["max_distance"] = distance
@@ -312,7 +314,7 @@ def _one_example(rng: random.Random, cfg: ProsQAConfig, num_concepts: int, num_e
         if question is not None:
             break
     else:
-        raise RuntimeError(
+        raise GenerationError(
             f"no graph with {num_concepts} concepts reached a root -> target distance in "
             f"[{cfg.min_distance}, {cfg.max_distance}] in {cfg.max_tries} tries; widen the ranges")
 
@@ -370,7 +372,7 @@ def generate_prosqa(num: int, seed: int, exclude_questions: Iterable[str] = (),
         ``target``, ``neg_target``; each passes ``check_prosqa_example``.
     """
     if num < 0:
-        raise ValueError(f"num must be >= 0, got {num}")
+        raise InvalidValue(f"num must be >= 0, got {num}")
     cfg = config or ProsQAConfig()
     rng = random.Random(seed)
     seen = set(exclude_questions)
@@ -387,7 +389,7 @@ def generate_prosqa(num: int, seed: int, exclude_questions: Iterable[str] = (),
             continue
         repeats += 1
         if repeats > 1000 + 10 * num:
-            raise RuntimeError(f"{repeats} repeated questions after {len(examples)} distinct ones: the "
+            raise GenerationError(f"{repeats} repeated questions after {len(examples)} distinct ones: the "
                                f"configuration's graphs are too small for {num} distinct questions")
     return examples
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from noblankslate.data.graph_stats import bin_order, has_graph, prosqa_graph_stats
+from noblankslate.errors import InputError
 
 TokenCounter = Callable[[list[str]], list[int]]
 
@@ -81,7 +82,7 @@ def load_token_counter(path: str | Path) -> TokenCounter:
     """
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: tokenizer folder not found")
+        raise InputError(f"{path}: tokenizer folder not found")
     from transformers import AutoTokenizer, GPT2Tokenizer
 
     has_config = any((path / name).exists() for name in ("tokenizer_config.json", "config.json", "tokenizer.json"))
@@ -92,7 +93,7 @@ def load_token_counter(path: str | Path) -> TokenCounter:
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{path}: no tokenizer could be loaded from this folder ({error})") from None
+        raise InputError(f"{path}: no tokenizer could be loaded from this folder ({error})") from None
 
     def count(texts: list[str]) -> list[int]:
         if not texts:

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from noblankslate.errors import InputError
+
 
 def stage_boundaries(epochs: list[dict[str, Any]]) -> list[float]:
     """x positions (between epochs) where the stage changes."""
@@ -25,7 +27,7 @@ def plot_run(records: list[dict[str, Any]], out: str | Path, title: str = "") ->
     """
     epochs = sorted((r for r in records if r.get("event") == "epoch"), key=lambda r: r["epoch"])
     if not epochs:
-        raise ValueError("no epoch records to plot (has the run finished an epoch?)")
+        raise InputError("no epoch records to plot (has the run finished an epoch?)")
     x = [r["epoch"] for r in epochs]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):

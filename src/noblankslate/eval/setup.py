@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from noblankslate.config import Config
+from noblankslate.config import Config, ConfigError
 from noblankslate.data.collator import LatentCollator
 from noblankslate.data.curriculum import CurriculumSpec, prompt_features, training_features
 from noblankslate.data.schema import DataError, Example, RecordProblem, load_examples
@@ -38,12 +38,12 @@ def coconut_texts(examples: Sequence[Example]) -> Iterator[str]:
 def load_run_data(config: Config) -> tuple[list[Example], list[Example]]:
     """Load and validate both files before any model is built (errors name file, record, field)."""
     if config.val_path is None:
-        raise ValueError("val_path is not set")
+        raise ConfigError("val_path is not set")
     val = load_examples(config.val_path, limit=DEBUG_VAL_LIMIT if config.debug else None)
     train: list[Example] = []
     if not config.only_eval:
         if config.train_path is None:
-            raise ValueError("train_path is not set (needed unless only_eval: true)")
+            raise ConfigError("train_path is not set (needed unless only_eval: true)")
         if _same_content(config.train_path, config.val_path):
             raise DataError([RecordProblem(str(config.val_path), None, None,
                                            f"holds the same data as train_path {config.train_path}: the evaluation "
@@ -67,9 +67,9 @@ def load_memory_data(config: Config, train: list[Example]) -> list[Example]:
     evaluated file."""
     source = config.retrieval.build_from or config.train_path
     if source is None:
-        raise ValueError("retrieval.enabled needs training data to build the memory from (retrieval.build_from or train_path)")
+        raise ConfigError("retrieval.enabled needs training data to build the memory from (retrieval.build_from or train_path)")
     if Path(source).resolve() == Path(config.val_path).resolve():
-        raise ValueError(f"the memory would be built from {source}, the data being evaluated; use training data")
+        raise ConfigError(f"the memory would be built from {source}, the data being evaluated; use training data")
     if source == config.train_path and train:
         return train
     return load_examples(source, limit=DEBUG_TRAIN_LIMIT if config.debug else None)

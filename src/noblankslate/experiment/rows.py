@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from noblankslate.config import METHOD_FLAGS
+from noblankslate.errors import InvalidValue
 
 _ALL_FLAGS = (*METHOD_FLAGS, "pause_as_thought", "no_curriculum")
 
@@ -56,12 +57,12 @@ def parse_rows(text: str | None) -> list[Row]:
         return list(ROWS.values())
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise ValueError("--rows is empty; give a comma-separated list of " + ", ".join(ROWS))
+        raise InvalidValue("--rows is empty; give a comma-separated list of " + ", ".join(ROWS))
     unknown = [name for name in names if name not in ROWS]
     if unknown:
-        raise ValueError(f"unknown row {unknown[0]!r}; the rows are: {', '.join(ROWS)}")
+        raise InvalidValue(f"unknown row {unknown[0]!r}; the rows are: {', '.join(ROWS)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"--rows names a row twice: {text}")
+        raise InvalidValue(f"--rows names a row twice: {text}")
     return [ROWS[name] for name in names]
 
 
@@ -74,7 +75,7 @@ def parse_seeds(text: str) -> list[int]:
         else:
             seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--seeds: expected integers like 0,1 or 0-2, got {text!r}") from None
+        raise InvalidValue(f"--seeds: expected integers like 0,1 or 0-2, got {text!r}") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds: expected distinct integers >= 0, got {text!r}")
+        raise InvalidValue(f"--seeds: expected distinct integers >= 0, got {text!r}")
     return seeds

@@ -35,6 +35,7 @@ class ExperimentError(NbsError, RuntimeError):
     """The experiment cannot go on (a row failed, or results on disk disagree with the config)."""
 
     label = "experiment error"
+    exit_code = 1  # a run failed: the input may be fine
 
 
 @dataclass(frozen=True)

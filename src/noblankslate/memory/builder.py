@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from noblankslate.config import Config
+from noblankslate.config import Config, ConfigError
 from noblankslate.data.curriculum import prompt_view
 from noblankslate.eval.evaluate import evaluate_generation
 from noblankslate.eval.setup import RunSetup
@@ -72,7 +72,7 @@ def saved_key_head(config) -> LinearKeyMap | None:
         return None
     path = Path(config.load_model_path or "") / HEADS_FILE
     if not path.is_file():
-        raise ValueError(f"training.nudge_contrastive is on but {path} does not exist: the key head would be random")
+        raise ConfigError(f"training.nudge_contrastive is on but {path} does not exist: the key head would be random")
     from noblankslate.model.weights import read_state_dict
 
     state = read_state_dict(path)
@@ -211,7 +211,7 @@ def build_memory(
     prompts = prompt_view(chosen, stage, spec)
     max_thoughts = max(f["input_ids"].count(spec.latent_id) for f in prompts)
     if max_thoughts == 0:
-        raise ValueError("the memory stores thought trajectories, but the final stage has no thoughts "
+        raise ConfigError("the memory stores thought trajectories, but the final stage has no thoughts "
                          "(max_latent_stage * c_thought is 0)")
     batch_size = retrieval.build_batch_size
     generate = lambda features, keep: evaluate_generation(

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from noblankslate.errors import InputError
 from noblankslate.memory.store import LatentMemory
 
 _EPOCH_FILE = re.compile(r"retrieval_metrics_epoch_(\d+)\.json$")
@@ -101,7 +102,7 @@ def plot_report(report: dict[str, Any], out: str | Path) -> Path:
 
     epochs = report["epochs"]
     if not epochs:
-        raise ValueError("no per-epoch retrieval metrics to plot")
+        raise InputError("no per-epoch retrieval metrics to plot")
     x = [e["epoch"] for e in epochs]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.2))
     panels = [("accuracy", [("accuracy_off", "retrieval off"), ("accuracy_on", "retrieval on")]),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from noblankslate.config import Config
+from noblankslate.errors import InputError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -77,12 +78,12 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every record of a run's ``metrics.jsonl`` (a clear error if there is none)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run folder?)")
+        raise InputError(f"{path}: no metrics (is {run_dir} a run folder?)")
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not JSON ({error.msg})") from None
+                raise InputError(f"{path}: line {number} is not JSON ({error.msg})") from None
     return records
