@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from noblankslate.errors import NbsError
-from noblankslate.files import give_plain_mode
+from noblankslate.files import atomic_write
 
 Record = dict[str, Any]
 
@@ -276,16 +275,8 @@ def write_json_atomic(data: Any, path: str | Path, inputs: Iterable[str | Path] 
             raise ConversionError(str(path), None, None, f"refusing to overwrite the input file {source}")
     if path.is_dir():
         raise ConversionError(str(path), None, None, "is a directory, expected an output file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        give_plain_mode(tmp)  # mkstemp makes the file private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        json.dump(data, f)
 
 
 def convert_gsm_icot_file(in_path: str | Path, out_path: str | Path) -> int:

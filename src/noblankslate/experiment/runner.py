@@ -25,6 +25,7 @@ from typing import Any
 from noblankslate.config import Config, flatten, load_config
 from noblankslate.errors import NbsError
 from noblankslate.experiment.rows import Row
+from noblankslate.files import write_text_atomic
 
 RESULTS_DIR = "results"
 RUNS_DIR = "runs"
@@ -157,10 +158,7 @@ def collect_result(job: Job, wall_seconds: float) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    temporary.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def default_launcher() -> list[str]:

@@ -20,8 +20,6 @@ being evaluated: the caller passes training data.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from noblankslate.config import Config, ConfigError
 from noblankslate.data.curriculum import prompt_view
 from noblankslate.eval.evaluate import evaluate_generation
 from noblankslate.eval.setup import RunSetup
-from noblankslate.files import give_plain_mode
+from noblankslate.files import atomic_write
 from noblankslate.memory.calibration import Calibrator, make_calibrator
 from noblankslate.memory.controller import MemoryParts
 from noblankslate.memory.probe import ExitProbe, fit_exit_probe
@@ -109,14 +107,8 @@ class BuildResult:
 
 def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> str:
     """Write arrays with np.savez (no pickle) through a temp file; returns the file's SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(path, "wb", durable=True) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    give_plain_mode(temporary)  # mkstemp makes the file private (0600)
-    os.replace(temporary, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

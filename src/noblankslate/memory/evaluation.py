@@ -26,6 +26,7 @@ from noblankslate.eval.metrics import (
     reliability_table,
 )
 from noblankslate.eval.setup import RunSetup
+from noblankslate.files import write_text_atomic
 from noblankslate.memory.builder import LinearKeyMap, build_memory, with_thoughts
 from noblankslate.memory.controller import MemoryController, MemoryParts
 from noblankslate.memory.metrics import METRICS_FILE, retrieval_metrics
@@ -145,8 +146,5 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
     metrics["exit_calibration"] = exit_scores
     if metrics_dir is not None and not config.debug:
         path = Path(metrics_dir) / METRICS_FILE.format(epoch=epoch)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-        temporary.replace(path)
+        write_text_atomic(path, json.dumps(metrics, indent=1))
     return metrics, seconds

@@ -20,7 +20,6 @@ data gives the same projection.
 from __future__ import annotations
 
 import os
-import uuid
 import zipfile
 import zlib
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from noblankslate.errors import NbsError
+from noblankslate.files import atomic_write
 
 FORMAT_NAME = "noblankslate-pca"
 FORMAT_VERSION = 1
@@ -204,15 +204,8 @@ class PCAProjection:
             "components": np.zeros((0, 0), np.float32) if identity else self.components,
             "explained_variance_ratio": np.zeros(0) if identity else self.explained_variance_ratio,
         }
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-        try:
-            with open(tmp, "xb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path, "wb", durable=True) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PCAProjection:

@@ -43,6 +43,7 @@ from noblankslate.eval.evaluate import (
     validation_loss,
 )
 from noblankslate.eval.setup import setup_run
+from noblankslate.files import write_text_atomic
 from noblankslate.memory.builder import LinearKeyMap
 from noblankslate.memory.contrastive import (
     ContrastiveHeads,
@@ -73,14 +74,14 @@ PREDICTIONS_FILE = "predictions_epoch_{epoch}.jsonl"
 class TrainingInterrupted(NbsError, RuntimeError):
     """SIGINT/SIGTERM stopped training after a step; ``checkpoint`` is where it can resume from."""
 
-    label = "training"
+    label = "training interrupted"
     exit_code = 130
 
     def __init__(self, epoch: int, step: int, steps: int, checkpoint: Path | None):
         self.checkpoint = checkpoint
         where = f"resume point {checkpoint}" if checkpoint else "nothing saved (debug or only_eval run)"
         done = f"after epoch {epoch}" if step == steps else f"in epoch {epoch} after step {step} of {steps}"
-        super().__init__(f"interrupted {done}; {where}; run the same command again to resume")
+        super().__init__(f"{done}; {where}; run the same command again to resume")
 
 
 class TrainingDiverged(NbsError, RuntimeError):
@@ -421,11 +422,8 @@ class Trainer:
     def _write_predictions(self, epoch: int, evaluation: GenerationEval) -> None:
         if not self.context.is_main or self.config.debug:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / PREDICTIONS_FILE.format(epoch=epoch + 1)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in evaluation.predictions), encoding="utf-8")
-        temporary.replace(path)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in evaluation.predictions))
 
     def _save(self, epoch: int, stage: int, step_in_epoch: int = 0, epoch_loss: list[float] | None = None) -> None:
         """Write ``checkpoint_{epoch + 1}`` after an epoch, or ``checkpoint_{epoch}_step_{k}`` after k of its steps."""

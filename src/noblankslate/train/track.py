@@ -14,6 +14,7 @@ from typing import Any
 
 from noblankslate.config import Config
 from noblankslate.errors import InputError
+from noblankslate.files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -55,9 +56,7 @@ class Tracker:
             else:
                 kept.append(line)
         if dropped:
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            temporary.replace(self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept), durable=True)
         return dropped
 
     def log(self, record: dict[str, Any]) -> None:
