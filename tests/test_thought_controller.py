@@ -155,3 +155,18 @@ def test_forward_takes_the_same_controller_and_feeds_what_generation_feeds(setup
                 controller=lambda i, t, th: (t * weight, torch.zeros_like(th)))
     out.logits.sum().backward()
     assert weight.grad is not None and weight.grad != 0
+
+
+def test_evaluation_reads_a_record_only_from_controllers_that_keep_one():
+    from types import SimpleNamespace
+
+    from noblankslate.eval.evaluate import take_batch_record
+
+    def plain(step, thought, thinking):  # an intervention: no record attribute at all
+        return thought, torch.zeros_like(thinking)
+
+    assert take_batch_record(plain) is None and take_batch_record(None) is None
+    recorder = SimpleNamespace(record=SimpleNamespace(rows=lambda: [{"hit": True}, {"hit": False}]))
+    assert take_batch_record(recorder) == [{"hit": True}, {"hit": False}]
+    assert recorder.record is None  # cleared for the next batch
+    assert take_batch_record(recorder) is None

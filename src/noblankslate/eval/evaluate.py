@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -50,6 +50,27 @@ class GenerationEval:
         return self.forward_passes / self.total if self.total else 0.0
 
 
+class BatchRecorder(Protocol):
+    """What evaluation reads from a thought controller, besides calling it (see ``ThoughtController``).
+
+    A controller may keep a per-batch ``record`` (the memory's :class:`~noblankslate.memory.controller.BatchRecord`):
+    after each generated batch evaluation calls ``record.rows()`` (one dict per row, merged into each
+    prediction record as ``"memory"``) and sets ``record`` back to None. A controller without a ``record``
+    attribute (an intervention, an exit rule) is simply called.
+    """
+
+    record: Any
+
+
+def take_batch_record(controller: object | None) -> list[dict] | None:
+    """The per-row records a :class:`BatchRecorder` kept for the last batch (then cleared), or None."""
+    record = getattr(controller, "record", None)
+    if record is None:
+        return None
+    controller.record = None
+    return record.rows()
+
+
 def _shard_batches(items: Sequence[Features], context: DistributedContext, batch_size: int, sort_key: Callable) -> tuple[list[list[Features]], int]:
     """This rank's batches (similar lengths together) and the number of batches every rank runs."""
     shard = sorted(items[context.rank :: context.world_size], key=sort_key)
@@ -84,8 +105,8 @@ def evaluate_generation(
         prompts: prompt features (question, markers and thoughts) from the curriculum.
         collate: turns a list of features into a padded batch.
         lockstep: run the same number of forward calls on every rank (FSDP).
-        controller: a :class:`~noblankslate.model.coconut.ThoughtController` (the memory); its per-row
-            ``record`` is merged into each prediction record.
+        controller: a :class:`~noblankslate.model.coconut.ThoughtController` (the memory, an intervention);
+            if it is also a :class:`BatchRecorder`, its per-row ``record`` is merged into each prediction.
         keep_thoughts: put each example's fed thoughts (n, D float32 numpy) in its record (``thoughts``).
     """
     by_idx = {example.idx: example for example in examples}
@@ -109,9 +130,7 @@ def evaluate_generation(
         if i >= len(batches):
             continue
         texts = tokenizer.batch_decode(out.sequences(), skip_special_tokens=True)
-        extras = controller.record.rows() if controller is not None and controller.record is not None else None
-        if controller is not None:
-            controller.record = None
+        extras = take_batch_record(controller)
         for row, (idx, text) in enumerate(zip(batch["idx"].tolist(), texts)):
             example = by_idx[idx]
             prediction = extract_answer(text)
