@@ -12,6 +12,7 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from noblankslate.memory import store as store_module  # noqa: E402
+from noblankslate.memory import store_files  # noqa: E402
 from noblankslate.memory.store import LatentMemory, MemoryFileError, sidecar_paths  # noqa: E402
 
 KEY_DIM, STEPS, VALUE_DIM = 8, 3, 5
@@ -426,7 +427,7 @@ def rewrite_meta(meta_path: Path, **changes) -> None:
 
 
 def sha256(path: Path) -> str:
-    return store_module._sha256_file(path)
+    return store_files.sha256_file(path)
 
 
 def test_load_missing_files(saved: Path) -> None:

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,39 +37,30 @@ import faiss
 import numpy as np
 from numpy.typing import ArrayLike
 
-from noblankslate.errors import NbsError
+from noblankslate.memory.store_files import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MemoryFileError,
+    committed_file,
+    keep_committed,
+    read_meta,
+    remove_leftovers,
+    sha256_file,
+    sidecar_paths,
+    sync_folder,
+    temp_path,
+    write_synced,
+)
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("cosine", "ip", "l2")
 VALUE_DTYPES = ("float16", "float32")
-FORMAT_NAME = "noblankslate-latent-memory"
-FORMAT_VERSION = 1
-VALUES_SUFFIX = ".values.npy"
-META_SUFFIX = ".meta.json"
-PREV_SUFFIX = ".prev"
 
 # Per entry the serialised index holds the float32 key (IndexFlat codes) and its int64 id (the id map).
 _INDEX_ID_BYTES = 8
 _DEDUP_BLOCK = 1024
-_HASH_CHUNK = 1 << 20
 _EXPECTED_DIM_KEYS = ("key_dim", "steps", "value_dim", "metric", "value_dtype")
-
-
-class MemoryFileError(NbsError, RuntimeError):
-    """A saved memory is missing, damaged, inconsistent or from another model; the message names the file."""
-
-    label = "memory file error"
-
-
-def sidecar_paths(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """The three files of a memory saved at ``path``: (index, values, meta)."""
-    index_path = Path(path)
-    return (
-        index_path,
-        index_path.with_name(index_path.name + VALUES_SUFFIX),
-        index_path.with_name(index_path.name + META_SUFFIX),
-    )
 
 
 class LatentMemory:
@@ -407,19 +397,19 @@ class LatentMemory:
         index_path, values_path, meta_path = sidecar_paths(path)
         folder = index_path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(folder, index_path.name)
+        remove_leftovers(folder, index_path.name)
         n = len(self)
         info = _json_copy(self.info, "info")
         temps: list[Path] = []
         try:
-            index_tmp = _temp_path(index_path)
+            index_tmp = temp_path(index_path)
             temps.append(index_tmp)
             index_bytes = faiss.serialize_index(self._index).tobytes()
-            _write_synced(index_tmp, lambda f: f.write(index_bytes))
+            write_synced(index_tmp, lambda f: f.write(index_bytes))
 
-            values_tmp = _temp_path(values_path)
+            values_tmp = temp_path(values_path)
             temps.append(values_tmp)
-            _write_synced(values_tmp, lambda f: np.save(f, self._values[:n], allow_pickle=False))
+            write_synced(values_tmp, lambda f: np.save(f, self._values[:n], allow_pickle=False))
 
             meta = {
                 "format": FORMAT_NAME,
@@ -437,23 +427,23 @@ class LatentMemory:
                 "skipped_duplicates": self._skipped,
                 "files": {
                     "index": {"name": index_path.name, "sha256": hashlib.sha256(index_bytes).hexdigest()},
-                    "values": {"name": values_path.name, "sha256": _sha256_file(values_tmp)},
+                    "values": {"name": values_path.name, "sha256": sha256_file(values_tmp)},
                 },
                 "info": info,
                 "ids": self._ids.tolist(),
                 "metadata": self._metadata,
             }
             meta_text = json.dumps(meta, allow_nan=False, separators=(",", ":"))
-            meta_tmp = _temp_path(meta_path)
+            meta_tmp = temp_path(meta_path)
             temps.append(meta_tmp)
-            _write_synced(meta_tmp, lambda f: f.write(meta_text.encode("utf-8")))
+            write_synced(meta_tmp, lambda f: f.write(meta_text.encode("utf-8")))
 
-            prevs = _keep_committed(index_path, values_path, meta_path)
+            prevs = keep_committed(index_path, values_path, meta_path)
             os.replace(index_tmp, index_path)
             os.replace(values_tmp, values_path)
             os.replace(meta_tmp, meta_path)
             temps.clear()
-            _sync_folder(folder)
+            sync_folder(folder)
             for prev in prevs:
                 prev.unlink(missing_ok=True)
         finally:
@@ -485,7 +475,7 @@ class LatentMemory:
             unknown = sorted(set(expected_dims) - set(_EXPECTED_DIM_KEYS))
             if unknown:
                 raise ValueError(f"expected_dims: unknown keys {unknown}; allowed: {list(_EXPECTED_DIM_KEYS)}")
-        meta = _read_meta(meta_path)
+        meta = read_meta(meta_path)
         memory = cls._from_meta(meta, meta_path)
 
         def fail(file: Path, message: str) -> MemoryFileError:
@@ -505,7 +495,7 @@ class LatentMemory:
                 raise fail(meta_path, f"{key} is {have!r}, expected {want!r}")
 
         count = meta["count"]
-        index_file = _committed_file(index_path, meta["files"]["index"]["sha256"], meta_path)
+        index_file = committed_file(index_path, meta["files"]["index"]["sha256"], meta_path)
         try:
             index = faiss.deserialize_index(np.frombuffer(index_file.read_bytes(), dtype=np.uint8))
         except (RuntimeError, OSError) as err:
@@ -524,7 +514,7 @@ class LatentMemory:
         if not np.array_equal(index_ids, memory._ids):
             raise fail(index_file, f"its ids differ from the ids listed in {meta_path.name}")
 
-        values_file = _committed_file(values_path, meta["files"]["values"]["sha256"], meta_path)
+        values_file = committed_file(values_path, meta["files"]["values"]["sha256"], meta_path)
         try:
             values = np.load(values_file, allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
@@ -702,139 +692,3 @@ def _json_copy(value: Any, name: str) -> Any:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name}: not JSON-serialisable ({err}); use plain int/float/str/bool/list/dict") from None
-
-
-def _temp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-
-
-def _remove_leftovers(folder: Path, index_name: str) -> None:
-    """Temporary files of an earlier save that was killed (an exception removes its own)."""
-    for leftover in folder.glob(f".{index_name}*.tmp-*"):
-        leftover.unlink(missing_ok=True)
-
-
-def _write_synced(path: Path, write: Callable[[Any], object]) -> None:
-    with open(path, "xb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the renames durable; not every platform lets a folder be opened, which is harmless."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _committed_checksums(meta_path: Path) -> dict[str, str]:
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        return {kind: meta["files"][kind]["sha256"] for kind in ("index", "values")}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def _keep_committed(index_path: Path, values_path: Path, meta_path: Path) -> list[Path]:
-    """Make sure ``*.prev`` holds the committed version of each data file before it is replaced.
-
-    The main file is the committed one unless an earlier save died between its renames; then the
-    committed one is already in ``*.prev`` and must not be overwritten by the uncommitted main file.
-    Returns the ``*.prev`` paths, to be removed once the new meta is committed.
-    """
-    committed = _committed_checksums(meta_path)
-    prevs = []
-    for kind, main in (("index", index_path), ("values", values_path)):
-        prev = main.with_name(main.name + PREV_SUFFIX)
-        prevs.append(prev)
-        want = committed.get(kind)
-        if want is None:
-            continue
-        if main.is_file() and _sha256_file(main) == want:
-            prev.unlink(missing_ok=True)
-            try:
-                os.link(main, prev)
-            except OSError:  # a file system without hard links
-                prev.write_bytes(main.read_bytes())
-        elif not (prev.is_file() and _sha256_file(prev) == want):
-            logger.warning("%s: the committed version is already lost; nothing to keep", main)
-    return prevs
-
-
-def _committed_file(path: Path, sha256: str, meta_path: Path) -> Path:
-    """The file (``path`` or its ``*.prev`` left by an interrupted save) whose checksum meta names."""
-    prev = path.with_name(path.name + PREV_SUFFIX)
-    if not path.is_file() and not prev.is_file():
-        raise MemoryFileError(f"{path}: missing (it belongs to {meta_path.name})")
-    if path.is_file() and _sha256_file(path) == sha256:
-        return path
-    if prev.is_file() and _sha256_file(prev) == sha256:
-        logger.warning("%s: an interrupted save left it unmatched; loading the committed %s", path, prev.name)
-        return prev
-    if not path.is_file():
-        raise MemoryFileError(f"{path}: missing (it belongs to {meta_path.name})")
-    raise MemoryFileError(
-        f"{path}: checksum differs from the one recorded in {meta_path.name}: the file is damaged, "
-        "truncated or from another save"
-    )
-
-
-_META_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "key_dim": int,
-    "steps": int,
-    "value_dim": int,
-    "metric": str,
-    "value_dtype": str,
-    "fingerprint": str,
-    "count": int,
-    "next_id": int,
-    "added": int,
-    "removed": int,
-    "skipped_duplicates": int,
-    "files": dict,
-    "info": dict,
-    "ids": list,
-    "metadata": list,
-}
-
-
-def _read_meta(meta_path: Path) -> dict[str, Any]:
-    if not meta_path.is_file():
-        raise MemoryFileError(f"{meta_path}: missing; a memory is saved as the index plus this file and the values")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise MemoryFileError(f"{meta_path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise MemoryFileError(f"{meta_path}: not a latent memory meta file (no format {FORMAT_NAME!r})")
-    if meta.get("version") != FORMAT_VERSION:
-        raise MemoryFileError(f"{meta_path}: format version {meta.get('version')!r}, this code reads {FORMAT_VERSION}")
-    for key, kind in _META_FIELDS.items():
-        if key not in meta:
-            raise MemoryFileError(f"{meta_path}: field {key!r} is missing")
-        value = meta[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise MemoryFileError(f"{meta_path}: field {key!r} has the wrong type ({type(value).__name__})")
-    for kind in ("index", "values"):
-        entry = meta["files"].get(kind)
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise MemoryFileError(f"{meta_path}: field 'files.{kind}.sha256' is missing")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in meta["ids"]):
-        raise MemoryFileError(f"{meta_path}: field 'ids' must hold integers")
-    return meta
