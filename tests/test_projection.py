@@ -162,3 +162,32 @@ def test_centering_removes_the_common_direction_and_round_trips(tmp_path):
     assert raw_cos[off_diagonal].mean() > 0.9 and abs(cos[off_diagonal].mean()) < 0.05
     p.save(tmp_path / "c.npz")
     np.testing.assert_allclose(PCAProjection.load(tmp_path / "c.npz").transform(x), y, atol=1e-6)
+
+
+def test_the_memory_writes_its_maps_in_the_projection_format(tmp_path):
+    """One file format for PCA maps: a memory's value map is a file PCAProjection.load reads."""
+    import hashlib
+
+    from noblankslate.memory.builder import LinearKeyMap, _load_map, _save_map
+    from noblankslate.memory.store import MemoryFileError
+
+    rng = np.random.default_rng(0)
+    pca = PCAProjection.fit(rng.normal(size=(40, 6)).astype(np.float32), 3)
+    path = tmp_path / "m.value_map.npz"
+    digest = _save_map(path, pca)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    again = PCAProjection.load(path)
+    assert np.array_equal(again.components, pca.components) and np.array_equal(again.mean, pca.mean)
+    assert isinstance(_load_map(path, digest), PCAProjection)
+
+    head = LinearKeyMap(rng.normal(size=(2, 6)).astype(np.float32), np.ones(2, np.float32))
+    head_path = tmp_path / "m.key_map.npz"
+    loaded = _load_map(head_path, _save_map(head_path, head))
+    assert np.array_equal(loaded.weight, head.weight) and np.array_equal(loaded.bias, head.bias)
+
+    old = tmp_path / "old.npz"
+    np.savez(old, kind=np.array("pca"), mean=pca.mean)  # the format before there was one
+    with pytest.raises(MemoryFileError, match="rebuild the memory"):
+        _load_map(old, hashlib.sha256(old.read_bytes()).hexdigest())
+    with pytest.raises(MemoryFileError, match="checksum"):
+        _load_map(path, "0" * 64)

@@ -36,6 +36,7 @@ from noblankslate.files import atomic_write
 from noblankslate.memory.calibration import Calibrator, make_calibrator
 from noblankslate.memory.controller import MemoryParts
 from noblankslate.memory.probe import ExitProbe, fit_exit_probe
+from noblankslate.memory.projection import FORMAT_NAME as PROJECTION_FORMAT
 from noblankslate.memory.projection import PCAProjection
 from noblankslate.memory.store import LatentMemory, MemoryFileError
 from noblankslate.model.coconut import Coconut
@@ -105,39 +106,41 @@ class BuildResult:
     report: dict[str, Any]
 
 
-def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> str:
-    """Write arrays with np.savez (no pickle) through a temp file; returns the file's SHA-256."""
-    with atomic_write(path, "wb", durable=True) as f:
-        np.savez(f, **arrays)
+LINEAR_MAP_FORMAT = "noblankslate-linear-map"
+
+
+def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _read_npz(path: Path, sha256: str) -> dict[str, np.ndarray]:
+def _save_map(path: Path, mapping: Any) -> str:
+    """Write a key or value map; returns the file's SHA-256 (recorded in the memory's meta).
+
+    A PCA (or identity) map is written in :class:`PCAProjection`'s own file format, the one format for
+    PCA maps in the project; a learned key head as an .npz of its weight and bias with a format tag.
+    """
+    if isinstance(mapping, LinearKeyMap):
+        with atomic_write(path, "wb", durable=True) as f:
+            np.savez(f, format=np.array(LINEAR_MAP_FORMAT), version=np.array(1), weight=mapping.weight,
+                     bias=mapping.bias)
+    else:
+        mapping.save(path)
+    return _sha256(path)
+
+
+def _load_map(path: Path, sha256: str) -> Any:
     if not path.is_file():
         raise MemoryFileError(f"{path}: missing (it belongs to the memory beside it)")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+    if _sha256(path) != sha256:
         raise MemoryFileError(f"{path}: does not match the checksum recorded in the memory (damaged or from another build)")
     with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
-def _map_arrays(mapping: Any) -> dict[str, np.ndarray]:
-    if isinstance(mapping, LinearKeyMap):
-        return {"kind": np.array("linear"), "weight": mapping.weight, "bias": mapping.bias}
-    if mapping.is_identity:
-        return {"kind": np.array("identity"), "dim": np.array(mapping.in_dim)}
-    return {"kind": np.array("pca"), "mean": mapping.mean, "components": mapping.components,
-            "explained_variance_ratio": mapping.explained_variance_ratio}
-
-
-def _map_from_arrays(arrays: dict[str, np.ndarray]) -> Any:
-    kind = str(arrays["kind"])
-    if kind == "linear":
-        return LinearKeyMap(arrays["weight"], arrays["bias"])
-    if kind == "identity":
-        return PCAProjection.identity(int(arrays["dim"]))
-    return PCAProjection(arrays["components"].shape[1], arrays["components"].shape[0], mean=arrays["mean"],
-                         components=arrays["components"], explained_variance_ratio=arrays["explained_variance_ratio"])
+        kind = str(data["format"]) if "format" in data.files else None
+        if kind == LINEAR_MAP_FORMAT:
+            return LinearKeyMap(data["weight"], data["bias"])
+    if kind != PROJECTION_FORMAT:
+        raise MemoryFileError(f"{path}: not a map this version writes (format {kind!r}); rebuild the memory "
+                              "with nbs memory build")
+    return PCAProjection.load(path)
 
 
 def save_memory(path: str | Path, store: LatentMemory, key_map: Any, value_map: PCAProjection,
@@ -145,8 +148,8 @@ def save_memory(path: str | Path, store: LatentMemory, key_map: Any, value_map: 
     """Maps first, then the store, whose meta file (written last) records the maps' checksums."""
     path = Path(path)
     store.info = {
-        "key_map_sha256": _write_npz_atomic(path.with_name(path.name + KEY_MAP_SUFFIX), **_map_arrays(key_map)),
-        "value_map_sha256": _write_npz_atomic(path.with_name(path.name + VALUE_MAP_SUFFIX), **_map_arrays(value_map)),
+        "key_map_sha256": _save_map(path.with_name(path.name + KEY_MAP_SUFFIX), key_map),
+        "value_map_sha256": _save_map(path.with_name(path.name + VALUE_MAP_SUFFIX), value_map),
         "confidence": confidence.to_dict(),
         "probe": probe.to_dict() if probe is not None else None,
         "build": report,
@@ -162,8 +165,8 @@ def load_memory(path: str | Path, fingerprint: str | None = None) -> MemoryParts
     for key in ("key_map_sha256", "value_map_sha256", "confidence"):
         if key not in info:
             raise MemoryFileError(f"{path}: the memory's metadata lacks '{key}' (not written by nbs memory build)")
-    key_map = _map_from_arrays(_read_npz(path.with_name(path.name + KEY_MAP_SUFFIX), info["key_map_sha256"]))
-    value_map = _map_from_arrays(_read_npz(path.with_name(path.name + VALUE_MAP_SUFFIX), info["value_map_sha256"]))
+    key_map = _load_map(path.with_name(path.name + KEY_MAP_SUFFIX), info["key_map_sha256"])
+    value_map = _load_map(path.with_name(path.name + VALUE_MAP_SUFFIX), info["value_map_sha256"])
     probe = ExitProbe.from_dict(info["probe"]) if info.get("probe") else None
     return MemoryParts(store=store, key_map=_as_function(key_map), value_inverse=value_map.inverse_transform,
                        confidence=Calibrator.from_dict(info["confidence"]), probe=probe)
