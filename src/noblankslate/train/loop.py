@@ -52,6 +52,7 @@ from noblankslate.memory.contrastive import (
 )
 from noblankslate.memory.evaluation import evaluate_memory
 from noblankslate.model.build import uses_latent_tokens
+from noblankslate.model.lora import trainable_parameters
 from noblankslate.model.weights import read_state_dict
 from noblankslate.runtime import DistributedContext, print0
 from noblankslate.train.checkpoint import (
@@ -260,7 +261,8 @@ class Trainer:
                        "(the interrupted epoch runs again)")
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        parameters = list(self.parallel.wrapped.parameters())
+        # Frozen weights (the base model under LoRA) get no optimizer state.
+        parameters = trainable_parameters(self.parallel.wrapped)
         if self.heads is not None:
             parameters += list(self.heads.parameters())
         return torch.optim.AdamW(parameters, lr=self.config.lr, weight_decay=self.config.weight_decay)
