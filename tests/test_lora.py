@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 import random
 import subprocess
@@ -24,7 +23,7 @@ from test_coconut_oracle import RAGGED, assert_close_scaled, oracle_forward
 from test_generate import ROWS, oracle_generate, pad, prompt
 from test_qwen import tiny_qwen2
 
-from noblankslate.config import ConfigError, LoraConfig, config_from_dict
+from noblankslate.config import ConfigError, LoraConfig, config_from_dict, load_config
 from noblankslate.model import lora
 from noblankslate.model.lora import apply_lora, has_adapters, resolve_targets
 from noblankslate.model.weights import read_state_dict
@@ -113,12 +112,15 @@ def test_default_targets_and_bad_target_names():
         resolve_targets(LoraConfig(target_modules=["q_proj", "qkv"]), FACTORIES["llama"]())
 
 
-def test_lora_section_is_validated_with_the_key_named():
+def test_lora_section_is_validated_with_the_key_named(tmp_path):
     def load(**lora_keys):
         return config_from_dict({"coconut": True, "lora": lora_keys}).lora
 
     assert load(enabled=True, target_modules=["q_proj"]).target_modules == ["q_proj"]
     assert not load().enabled  # off by default
+    saved = config_from_dict({"coconut": True, "lora": {"enabled": True, "rank": 4, "target_modules": ["c_attn"]}})
+    saved.save(tmp_path / "config.yaml")  # what a checkpoint keeps, read back by resume and by merging
+    assert load_config(tmp_path / "config.yaml", ["lora.alpha=32"]).lora == LoraConfig(True, 4, 32.0, 0.0, ["c_attn"])
     for keys, message in [({"rank": 0}, "lora.rank must be >= 1, got 0"),
                           ({"alpha": -1}, "lora.alpha must be a finite number > 0"),
                           ({"dropout": 1.0}, r"lora.dropout must be in \[0, 1\)"),
@@ -227,8 +229,8 @@ def test_a_lora_cot_run_starts_coconut_with_its_adapters_merged(tmp_path, tiny_d
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_peft
 def test_a_lora_checkpoint_names_its_settings_when_it_cannot_be_merged(tmp_path, tiny_data):
-    pytest.importorskip("peft", reason="LoRA needs peft")
     raw = _lora_raw(tmp_path, tiny_data, num_epochs=1)
     train(config_from_dict(raw), CPU)
     bare = tmp_path / "bare.safetensors"
