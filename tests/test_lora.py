@@ -62,7 +62,7 @@ def test_adapters_at_init_compute_exactly_what_the_base_does(arch):
 
 
 @needs_peft
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", list(FACTORIES))
 def test_thoughts_are_hidden_states_of_the_adapted_model(arch):
     """With adapters that do something, the fast forward equals the no-cache oracle run on the adapted
     model (which fills every thought from the adapted model's hidden states) and differs from the base's."""
@@ -95,6 +95,11 @@ def test_only_adapters_and_new_token_rows_train():
     assert names and all(".lora_A." in n or ".lora_B." in n or "trainable_tokens_delta" in n for n in names)
     assert sum("q_proj.lora_A" in n for n in names) == 2 and sum("down_proj.lora_B" in n for n in names) == 2
     assert sum("trainable_tokens_delta" in n for n in names) == 1
+    line = lora.describe(adapted)
+    assert line.startswith("LoRA: rank 4, alpha 8 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj "
+                           "and the embedding rows of tokens [61, 62, 63]; ")
+    # per layer r * (in + out): q, o 4 * (32 + 32); k, v 4 * (32 + 16); gate, up, down 4 * (32 + 64); 2 layers; 3 x 32 rows
+    assert f" {2 * (2 * 256 + 2 * 192 + 3 * 384) + 96:,} of " in line
     model = wrap(adapted)
     model(**ragged_batch(seed=3, shapes=RAGGED)).loss.backward()
     embedding = adapted.get_input_embeddings().token_adapter
@@ -183,13 +188,16 @@ def test_weights_move_between_lora_and_full_runs(tmp_path, tiny_data):
                        model_config={"arch": "llama", "n_layer": 1, "n_embd": 32, "n_head": 2})
     train(config_from_dict(full), CPU)
     full_checkpoint = str(tmp_path / "runs" / "full" / "checkpoint_1")
-    batch = ragged_batch(seed=4, shapes=[(5, 2, 3), (4, 0, 2)])
-    batch = {k: v % 40 if k == "input_ids" else v for k, v in batch.items()}  # inside the word vocabulary
+    raw_batch = ragged_batch(seed=4, shapes=[(5, 2, 3), (4, 0, 2)])
 
     def loss(raw: dict) -> torch.Tensor:
-        model = setup_run(config_from_dict(raw)).model.eval()
+        setup = setup_run(config_from_dict(raw))
+        ids = raw_batch["input_ids"]
+        words = ids % 20 + 5  # inside the word vocabulary, clear of the latent tokens
+        for helper_id, run_id in zip((START, END, LATENT), setup.latent_ids.as_tuple()):
+            words = torch.where(ids == helper_id, run_id, words)
         with torch.no_grad():
-            return model(**batch).loss
+            return setup.model.eval()(**{**raw_batch, "input_ids": words}).loss
 
     evaluate = {**full, "name": "eval", "only_eval": True, "load_model_path": full_checkpoint}
     under_adapters = {**evaluate, "lora": {"enabled": True, "rank": 2}}

@@ -120,3 +120,14 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, trainable_token_i
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters the optimizer should see: with LoRA only the adapters and the new token rows."""
     return [parameter for parameter in module.parameters() if parameter.requires_grad]
+
+
+def describe(model: nn.Module) -> str:
+    """One line for the run log: what the adapters are and how much of the model trains."""
+    settings = model.peft_config[ADAPTER_NAME]
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    tokens = settings.trainable_token_indices
+    rows = f" and the embedding rows of tokens {sorted(tokens)}" if tokens else ""
+    return (f"LoRA: rank {settings.r}, alpha {settings.lora_alpha:g} on {', '.join(sorted(settings.target_modules))}"
+            f"{rows}; {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
