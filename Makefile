@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,memory,offline]"
+	$(BIN)/python -m pip install -q -e ".[test,memory,offline,lora]"
 	touch $(STAMP)
 
 demo: $(STAMP)

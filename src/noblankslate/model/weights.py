@@ -269,6 +269,25 @@ def _names_of(model: nn.Module, parameter: Tensor | None) -> list[str]:
     return [name for name, p in model.named_parameters(remove_duplicate=False) if p is parameter]
 
 
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` for every further name of a parameter that has several."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            tied[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return tied
+
+
+def _stored_layer(module: nn.Module | None) -> nn.Module | None:
+    """The layer that holds an embedding's weight: under LoRA with trainable token rows, peft wraps the
+    embeddings (and a tied head), and the wrapper's ``weight`` is a merged copy, not the stored parameter."""
+    adapter = getattr(module, "token_adapter", None)
+    return adapter.base_layer if adapter is not None else module
+
+
 def _non_persistent_buffers(model: nn.Module) -> set[str]:
     return {
         f"{module_name}.{buffer}" if module_name else buffer
@@ -341,8 +360,8 @@ def load_into(
     if stripped:
         upgrades.append("stripped FSDP/DDP/compile prefixes")
 
-    input_weight = base.get_input_embeddings().weight
-    output = base.get_output_embeddings()
+    input_weight = _stored_layer(base.get_input_embeddings()).weight
+    output = _stored_layer(base.get_output_embeddings())
     embedding_key = _names_of(base, input_weight)[0]
     kind: RunKind = "coconut" if any(key.startswith(COCONUT_PREFIX) for key in state) else "causallm"
     if kind == "coconut":
@@ -366,9 +385,20 @@ def load_into(
     if stale:
         upgrades.append(f"dropped {len(stale)} stale buffer(s)")
 
-    tied_keys: set[str] = set()
-    if output is not None and output.weight is input_weight:
-        tied_keys = set(_names_of(base, input_weight)) - {embedding_key}
+    # Parameters reachable under several names (a tied LM head; under LoRA also the tied head's trainable
+    # token rows): the first name loads them, the others may be absent (FSDP's state dicts name each once).
+    tied_to = _tied_names(base)
+    tied_keys = set(tied_to)
+    for key in tied_keys & set(state):
+        first = tied_to[key]
+        if first in state and not torch.equal(state[key], state[first]):
+            raise WeightsError(
+                f"{prefix}{key} differs from {prefix}{first}, but the model ties them; the checkpoint "
+                "comes from an untied model"
+            )
+        if first not in state:
+            state[first] = state[key]
+        del state[key]  # loading the first name sets the tied ones too
 
     missing = expected - set(state) - tied_keys
     unexpected = {prefix + key for key in state if key not in expected} | stray
@@ -380,13 +410,6 @@ def load_into(
             parts.append(f"unexpected {_name_keys(unexpected)}")
         raise WeightsError(f"checkpoint does not fit {type(base).__name__}: " + "; ".join(parts))
 
-    for key in tied_keys & set(state):
-        if embedding_key in state and not torch.equal(state[key], state[embedding_key]):
-            raise WeightsError(
-                f"{prefix}{key} differs from {prefix}{embedding_key}, but the model ties them; the checkpoint "
-                "comes from an untied model"
-            )
-        del state[key]  # loading the input embeddings sets the tied head too
 
     vocab_keys = set(_names_of(base, input_weight))
     if output is not None:

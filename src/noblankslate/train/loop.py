@@ -53,6 +53,8 @@ from noblankslate.memory.contrastive import (
 )
 from noblankslate.memory.evaluation import evaluate_memory
 from noblankslate.model.build import uses_latent_tokens
+from noblankslate.model.lora import describe as describe_lora
+from noblankslate.model.lora import is_adapted, trainable_parameters
 from noblankslate.model.weights import read_state_dict
 from noblankslate.runtime import DistributedContext, print0
 from noblankslate.train.checkpoint import (
@@ -213,6 +215,8 @@ class Trainer:
         self.setup = setup_run(config, weights_from=resume_from)
         if self.setup.load_summary:
             print0(self.setup.load_summary)
+        if is_adapted(self.setup.model.base_causallm):
+            print0(describe_lora(self.setup.model.base_causallm))
         built_model = self.setup.model
         self.parallel: ParallelModel = wrap_model(built_model, config, context)
         self.heads: ContrastiveHeads | None = None
@@ -261,7 +265,8 @@ class Trainer:
                        "(the interrupted epoch runs again)")
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        parameters = list(self.parallel.wrapped.parameters())
+        # Frozen weights (the base model under LoRA) get no optimizer state.
+        parameters = trainable_parameters(self.parallel.wrapped)
         if self.heads is not None:
             parameters += list(self.heads.parameters())
         return torch.optim.AdamW(parameters, lr=self.config.lr, weight_decay=self.config.weight_decay)
