@@ -343,3 +343,22 @@ def test_resuming_with_a_different_config_lists_the_changes_and_refuses_unsafe_o
     assert main(["train", str(config_file), "num_epochs=3", "lr_schedule=cosine", "max_new_tokens=7"]) == 2
     err = capsys.readouterr().err
     assert "lr_schedule, num_epochs would change what the run trains" in err and "allow_config_change=true" in err
+
+
+def test_bf16_weights_cast_the_whole_model_as_the_original_and_resume(tmp_path, tiny_data):
+    """``bf16_weights``: parameters, gradients and optimizer state in bfloat16; checkpoints hold bfloat16;
+    a run resumed from epoch 1 reaches the uninterrupted run's weights."""
+    raw = tiny_config(tmp_path, tiny_data, num_epochs=2, bf16_weights=True, dropout=0.0,
+                      model_config={"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.0})
+    raw.pop("dropout")
+    trainer = Trainer(config_from_dict({**raw, "name": "straight"}), CPU)
+    assert {p.dtype for p in trainer.parallel.model.parameters()} == {torch.bfloat16}
+    trainer.run()
+    assert {s.dtype for state in trainer.optimizer.state.values() for s in state.values() if s.numel() > 1} == {torch.bfloat16}
+    straight = load_file(tmp_path / "runs" / "straight" / "checkpoint_2" / "model.safetensors")
+    assert {t.dtype for t in straight.values()} == {torch.bfloat16}
+
+    train(config_from_dict({**raw, "name": "resumed", "num_epochs": 1}), CPU)
+    train(config_from_dict({**raw, "name": "resumed", "allow_config_change": True}), CPU)
+    resumed = load_file(tmp_path / "runs" / "resumed" / "checkpoint_2" / "model.safetensors")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)

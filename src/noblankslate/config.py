@@ -301,7 +301,11 @@ class Config:
     """Epoch to start from (skips the first ``resume`` epochs)."""
     seed: int = 0
     bf16: bool = False
-    """bf16 mixed precision (GPU)."""
+    """bf16 mixed precision (GPU): float32 master weights, bfloat16 compute (autocast, or FSDP's policy)."""
+    bf16_weights: bool = False
+    """Cast the whole model to bfloat16, as the original did with ``bf16``: weights, gradients and AdamW
+    state in bfloat16 (about half the memory of mixed precision, less exact updates). Any device;
+    ``bf16`` autocast is then not needed and not applied."""
 
     # Data
     train_path: str | None = None

@@ -104,10 +104,14 @@ def wrap_model(model: Coconut, config: Config, context: DistributedContext) -> P
     """Move the model to this rank's device and wrap it for the chosen parallelism.
 
     bf16 (GPU only) is mixed precision: float32 master weights, bfloat16 compute (FSDP's
-    ``MixedPrecisionPolicy``, or autocast around the forward for one process and DDP).
+    ``MixedPrecisionPolicy``, or autocast around the forward for one process and DDP). ``bf16_weights``
+    instead casts every parameter and buffer to bfloat16 here, before wrapping, as the original did: the
+    optimizer then holds bfloat16 state too.
     """
     kind = choose_kind(config, model, context)
     model.to(context.device)
+    if config.bf16_weights:
+        model.to(torch.bfloat16)
     if kind == "single":
         return ParallelModel(wrapped=model, model=model, kind=kind)
     if kind == "ddp":
@@ -128,7 +132,8 @@ def wrap_model(model: Coconut, config: Config, context: DistributedContext) -> P
 
 
 def uses_bf16(config: Config, context: DistributedContext) -> bool:
-    return config.bf16 and context.device.type == "cuda"
+    """Mixed precision applies: bf16 on a GPU, and the weights not already cast (``bf16_weights``)."""
+    return config.bf16 and not config.bf16_weights and context.device.type == "cuda"
 
 
 def autocast(config: Config, context: DistributedContext, kind: str) -> contextlib.AbstractContextManager:
