@@ -5,7 +5,16 @@ from __future__ import annotations
 import random
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from noblankslate.model.coconut import Coconut
 
@@ -29,7 +38,36 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).float().eval()
 
 
-MODEL_FACTORIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+def _qwen_shape(**extra) -> dict:
+    return dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.3,
+                bos_token_id=EOS, eos_token_id=EOS, **extra)
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**_qwen_shape(tie_word_embeddings=False)))
+    with torch.no_grad():  # the biases start at zero; make them matter
+        for name, parameter in model.named_parameters():
+            if name.endswith("proj.bias"):
+                parameter.normal_(0, 0.3)
+    return model.float().eval()
+
+
+def tiny_qwen3(seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**_qwen_shape(tie_word_embeddings=True, head_dim=16)))  # 4 heads x 16 != 32
+    with torch.no_grad():  # the q/k norms start at one; make them matter
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                parameter.uniform_(0.5, 1.5)
+    return model.float().eval()
+
+
+MODEL_FACTORIES = {"gpt2": tiny_gpt2, "llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3}
+"""Every base the oracle and generation tests run on. Qwen2 differs from Llama by biases on q/k/v; Qwen3 by
+RMS norms on q and k per head and a head size of its own (not hidden / heads), so a builder that forgets
+``head_dim`` makes the wrong shape."""
 
 
 def wrap(base) -> Coconut:

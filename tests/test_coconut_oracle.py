@@ -36,17 +36,21 @@ RAGGED = [(7, 3, 4), (12, 0, 6), (4, 1, 2), (9, 2, 5)]
 
 
 def assert_close_scaled(actual, expected, name):
-    """float32 equality up to summation order: tolerance relative to the tensor's own scale."""
+    """float32 equality up to summation order: tolerance relative to the tensor's own scale.
+
+    Summation-order noise through four serial thought passes reaches 3.5e-5 of a gradient's scale on
+    Qwen2 (its q/k/v biases), 1e-5 on Llama; a wrong thought or mask moves values by far more than 1e-4.
+    """
     actual, expected = actual.detach(), expected.detach()
     scale = float(expected.abs().max())
-    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-5 * max(scale, 1e-6), msg=name)
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4 * max(scale, 1e-6), msg=name)
 
 
 def _grads(module):
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", list(MODEL_FACTORIES))
 @pytest.mark.parametrize("shapes", [RAGGED, [(5, 4, 3)], [(6, 0, 3), (3, 0, 5)]], ids=["ragged", "single", "no-thoughts"])
 def test_forward_matches_oracle(arch, shapes):
     base = MODEL_FACTORIES[arch]()
@@ -68,7 +72,7 @@ def test_forward_matches_oracle(arch, shapes):
         assert_close_scaled(fast_grads[name], slow_grads[name], name)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", list(MODEL_FACTORIES))
 def test_loss_only_path_matches_full_logits(arch):
     """return_logits=False runs the LM head only at labelled positions; loss and grads are unchanged."""
     base = MODEL_FACTORIES[arch]()

@@ -44,7 +44,7 @@ def oracle_generate(base, row: list[int], max_new_tokens: int, eos: int) -> list
 ROWS = [(7, 3), (12, 0), (4, 1), (9, 2), (5, 6)]  # (question length, latent count)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", list(MODEL_FACTORIES))
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batched_generation_equals_each_row_alone_and_the_oracle(arch, side):
     rng = random.Random(0)

@@ -21,7 +21,6 @@ from model_helpers import END, EOS, LATENT, MODEL_FACTORIES, START, ragged_batch
 from run_helpers import CPU, tiny_config
 from test_coconut_oracle import RAGGED, assert_close_scaled, oracle_forward
 from test_generate import ROWS, oracle_generate, pad, prompt
-from test_qwen import tiny_qwen2
 
 from noblankslate.config import ConfigError, LoraConfig, config_from_dict, load_config
 from noblankslate.model import lora
@@ -33,7 +32,7 @@ from noblankslate.train.track import read_metrics
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
                                 reason="LoRA needs peft: pip install -e '.[lora]'")
 ROOT = Path(__file__).resolve().parents[1]
-FACTORIES = {**MODEL_FACTORIES, "qwen2": tiny_qwen2}
+FACTORIES = {arch: MODEL_FACTORIES[arch] for arch in ("gpt2", "llama", "qwen2")}
 SETTINGS = LoraConfig(enabled=True, rank=4, alpha=8.0)
 NEW_TOKENS = (START, END, LATENT)
 
