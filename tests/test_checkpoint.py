@@ -18,6 +18,7 @@ from noblankslate.model.tokenizer import build_word_tokenizer
 from noblankslate.model.weights import load_into
 from noblankslate.train import checkpoint as ckpt
 from noblankslate.train.checkpoint import (
+    TrainState,
     CheckpointError,
     capture_rng_state,
     latest_checkpoint,
@@ -46,7 +47,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
 def save(run_dir, epoch, model=None, **overrides):
     model = model if model is not None else tiny_gpt2()
     kwargs = dict(model_state=model.state_dict(), optimizer_state=None, rng_state=None,
-                  train_state={"stage": epoch}, config=CONFIG)
+                  train_state=TrainState(epoch=epoch, stage=epoch, global_step=0), config=CONFIG)
     kwargs.update(overrides)
     return save_checkpoint(run_dir, epoch, **kwargs)
 
@@ -56,7 +57,7 @@ def test_round_trip_and_resumed_optimizer_matches_uninterrupted_run(tmp_path):
     model = tiny_gpt2(seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     train_steps(model, optimizer, data[:2])
-    train_state = {"epoch": 2, "stage": 1, "global_step": 2, "best_acc": 0.5, "wall_time": 12.5}
+    train_state = TrainState(epoch=2, stage=1, global_step=2, best_accuracy=0.5)
     folder = save_checkpoint(tmp_path, 2, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
                              rng_state=capture_rng_state(), train_state=train_state, config=CONFIG)
     assert folder == tmp_path / "checkpoint_2"
@@ -177,9 +178,9 @@ def test_failed_replacement_of_same_epoch_keeps_old_checkpoint(tmp_path, monkeyp
 def test_rerun_replaces_checkpoint(tmp_path):
     save(tmp_path, 3, tiny_gpt2(seed=1))
     new = tiny_gpt2(seed=2)
-    save(tmp_path, 3, new, train_state={"stage": 9})
+    save(tmp_path, 3, new, train_state=TrainState(epoch=3, stage=9, global_step=1))
     data = load_checkpoint(tmp_path / "checkpoint_3")
-    assert data.train_state == {"stage": 9}
+    assert data.train_state == TrainState(epoch=3, stage=9, global_step=1)
     assert torch.equal(data.model_state["transformer.wte.weight"], new.transformer.wte.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_3"]
 
@@ -239,14 +240,29 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path):
 
 def test_train_state_must_be_json(tmp_path):
     with pytest.raises(CheckpointError, match="not JSON-serialisable"):
-        save(tmp_path, 1, train_state={"time": object()})
+        save(tmp_path, 1, train_state=TrainState(epoch=1, stage=0, global_step=0, epoch_loss=[object()], step_in_epoch=1))
     assert not any(tmp_path.iterdir())
 
 
-def test_state_json_records_epoch(tmp_path):
-    folder = save(tmp_path, 6, train_state={"global_step": 60})
+def test_state_json_records_epoch_and_the_typed_train_state(tmp_path):
+    folder = save(tmp_path, 6, train_state=TrainState(epoch=6, stage=2, global_step=60))
     state = json.loads((folder / "state.json").read_text())
-    assert state["epoch"] == 6 and state["train_state"] == {"global_step": 60}
+    assert state["epoch"] == 6
+    assert state["train_state"] == {"epoch": 6, "stage": 2, "global_step": 60, "best_accuracy": 0.0}
+    mid = TrainState(epoch=6, stage=2, global_step=63, step_in_epoch=3, epoch_loss=[1.0, 0.5, 0.25])
+    assert TrainState.from_dict(mid.to_dict(), folder) == mid
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"stage": 1, "global_step": 2}, "train_state lacks 'epoch'"),
+    ({"epoch": 1, "stage": "one", "global_step": 2}, "train_state.stage is 'one', expected int"),
+    ({"epoch": 1, "stage": 1, "global_step": 2, "wall": 3}, "unknown fields \\['wall'\\]"),
+    ({"epoch": 1, "stage": 1, "global_step": 2, "epoch_loss": "x"}, "epoch_loss must be a list"),
+    ([1, 2], "train_state is list"),
+])
+def test_a_bad_train_state_names_the_field(tmp_path, raw, message):
+    with pytest.raises(CheckpointError, match=message):
+        TrainState.from_dict(raw, tmp_path / "state.json")
 
 
 def test_extra_states_round_trip_beside_the_model(tmp_path):
@@ -254,19 +270,19 @@ def test_extra_states_round_trip_beside_the_model(tmp_path):
 
     heads = {"key.weight": torch.randn(4, 8), "key.bias": torch.randn(4)}
     save_checkpoint(tmp_path, 1, model_state={"w": torch.ones(2)}, optimizer_state=None, rng_state=None,
-                    train_state={}, config=Config(coconut=True), extra_states={"nudge_heads": heads})
+                    train_state=TrainState(epoch=1, stage=0, global_step=0), config=Config(coconut=True), extra_states={"nudge_heads": heads})
     data = load_checkpoint(tmp_path / "checkpoint_1")
     assert set(data.model_state) == {"w"}
     assert torch.equal(data.extra_states["nudge_heads"]["key.weight"], heads["key.weight"])
     with pytest.raises(CheckpointError, match="extra state name"):
         save_checkpoint(tmp_path, 2, model_state={"w": torch.ones(2)}, optimizer_state=None, rng_state=None,
-                        train_state={}, config=Config(coconut=True), extra_states={"model": heads})
+                        train_state=TrainState(epoch=1, stage=0, global_step=0), config=Config(coconut=True), extra_states={"model": heads})
 
 
 def test_a_flipped_byte_of_the_same_size_is_refused(tmp_path):
     model = torch.nn.Linear(4, 3)
     save_checkpoint(tmp_path, 1, model_state=model.state_dict(), optimizer_state=None, rng_state=None,
-                    train_state={"epoch": 1}, config=Config(coconut=True))
+                    train_state=TrainState(epoch=1, stage=0, global_step=0), config=Config(coconut=True))
     weights = tmp_path / "checkpoint_1" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0xFF  # inside the last tensor's bytes: same size, different weights
@@ -280,7 +296,7 @@ def test_saved_files_are_readable_by_others(tmp_path):
     try:
         model = torch.nn.Linear(4, 3)
         save_checkpoint(tmp_path, 1, model_state=model.state_dict(), optimizer_state=None, rng_state=None,
-                        train_state={"epoch": 1}, config=Config(coconut=True))
+                        train_state=TrainState(epoch=1, stage=0, global_step=0), config=Config(coconut=True))
     finally:
         os.umask(old)
     for path in (tmp_path / "checkpoint_1").rglob("*"):
@@ -305,5 +321,5 @@ def test_a_stray_file_with_a_checkpoints_name_is_refused_before_any_work(tmp_pat
     assert not (run_dir / "checkpoint_1").exists() and (run_dir / "checkpoint_2").read_text() == "notes"
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         save_checkpoint(run_dir, 2, model_state={"w": torch.ones(1)}, optimizer_state=None, rng_state=None,
-                        train_state={}, config=Config(coconut=True))
+                        train_state=TrainState(epoch=1, stage=0, global_step=0), config=Config(coconut=True))
     assert (run_dir / "checkpoint_2").read_text() == "notes"

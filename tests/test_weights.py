@@ -14,7 +14,7 @@ from noblankslate.model.weights import (
     read_state_dict,
     save_state_dict,
 )
-from noblankslate.train.checkpoint import save_checkpoint
+from noblankslate.train.checkpoint import TrainState, save_checkpoint
 
 
 class NotATensor:
@@ -180,7 +180,7 @@ def test_missing_and_damaged_files_name_the_path(tmp_path):
 def test_our_checkpoint_folder_loads(tmp_path):
     trained = wrap(tiny_gpt2(seed=1))
     folder = save_checkpoint(tmp_path, 1, model_state=trained.state_dict(), optimizer_state=None, rng_state=None,
-                             train_state={}, config=Config(coconut=True))
+                             train_state=TrainState(epoch=1, stage=0, global_step=0), config=Config(coconut=True))
     model = wrap(tiny_gpt2(seed=2))
     report = load_into(model, read_state_dict(folder), into="coconut")
     assert_same_weights(model, trained)

@@ -19,6 +19,7 @@ removed by the next save. Only one process (rank 0) may save into a run folder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,6 +63,54 @@ class CheckpointError(NbsError, RuntimeError):
     label = "checkpoint error"
 
 
+@dataclass(frozen=True)
+class TrainState:
+    """The loop's counters saved in every checkpoint (``state.json``'s ``train_state``), typed.
+
+    Attributes:
+        epoch: epochs finished (the number in an epoch checkpoint's name).
+        stage: the curriculum stage of the last epoch trained.
+        global_step: optimizer steps taken so far (the lr schedule is a function of it).
+        best_accuracy: best validation accuracy so far (``save_only_improve`` compares against it).
+        step_in_epoch: for a mid-epoch checkpoint, the steps of epoch ``epoch + 1`` already done; 0 otherwise.
+        epoch_loss: for a mid-epoch checkpoint, the per-step losses of those steps (the epoch's mean loss
+            continues from them); None otherwise.
+    """
+
+    epoch: int
+    stage: int
+    global_step: int
+    best_accuracy: float = 0.0
+    step_in_epoch: int = 0
+    epoch_loss: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        state = dataclasses.asdict(self)
+        if not self.step_in_epoch:  # an epoch checkpoint: as before mid-epoch checkpoints existed
+            del state["step_in_epoch"], state["epoch_loss"]
+        return state
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: Path) -> TrainState:
+        """Read a saved ``train_state``; a missing or mistyped field is a CheckpointError naming it."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where}: train_state is {type(raw).__name__}, expected an object")
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise CheckpointError(f"{where}: train_state has unknown fields {unknown} (written by a newer version?)")
+        kinds = {"epoch": int, "stage": int, "global_step": int, "best_accuracy": (int, float), "step_in_epoch": int}
+        for name in ("epoch", "stage", "global_step"):
+            if name not in raw:
+                raise CheckpointError(f"{where}: train_state lacks {name!r}")
+        for name, kind in kinds.items():
+            if name in raw and (not isinstance(raw[name], kind) or isinstance(raw[name], bool)):
+                raise CheckpointError(f"{where}: train_state.{name} is {raw[name]!r}, expected {getattr(kind, '__name__', 'a number')}")
+        loss = raw.get("epoch_loss")
+        if loss is not None and not (isinstance(loss, list) and all(isinstance(v, (int, float)) for v in loss)):
+            raise CheckpointError(f"{where}: train_state.epoch_loss must be a list of numbers or null")
+        return cls(**{**raw, "best_accuracy": float(raw.get("best_accuracy", 0.0))})
+
+
 @dataclass
 class CheckpointData:
     """Everything :func:`save_checkpoint` wrote, read back on the CPU.
@@ -72,7 +121,7 @@ class CheckpointData:
         model_state: state dict (tied weights are one tensor under both names, as ``state_dict()`` gives).
         optimizer_state: ``optimizer.state_dict()``, or None when none was saved.
         rng_state: for :func:`restore_rng_state`, or None when none was saved.
-        train_state: the loop's counters as saved.
+        train_state: the loop's counters as saved (typed).
         config: the resolved config as a plain mapping (``config_from_dict`` turns it back into a Config).
         tokenizer_dir: the saved tokenizer's folder, or None.
     """
@@ -82,7 +131,7 @@ class CheckpointData:
     model_state: dict[str, Tensor]
     optimizer_state: dict[str, Any] | None
     rng_state: dict[str, Any] | None
-    train_state: dict[str, Any]
+    train_state: TrainState
     config: dict[str, Any]
     tokenizer_dir: Path | None = None
     extra_states: dict[str, dict[str, Tensor]] = field(default_factory=dict)
@@ -210,7 +259,7 @@ def save_checkpoint(
     model_state: dict[str, Tensor],
     optimizer_state: dict[str, Any] | None,
     rng_state: dict[str, Any] | None,
-    train_state: dict[str, Any],
+    train_state: TrainState,
     config: Config,
     tokenizer: PreTrainedTokenizerBase | None = None,
     extra_states: dict[str, dict[str, Tensor]] | None = None,
@@ -226,7 +275,7 @@ def save_checkpoint(
         model_state: ``model.state_dict()`` (Coconut wrapper or causal LM).
         optimizer_state: ``optimizer.state_dict()``, or None to save none.
         rng_state: from :func:`capture_rng_state`, or None to save none.
-        train_state: JSON-serialisable counters (stage, global step, best accuracy, wall time, ...).
+        train_state: the loop's counters (:class:`TrainState`).
         config: the resolved run config.
         tokenizer: saved to ``tokenizer/`` when given.
         extra_states: more tensors saved beside the model as ``{name}.safetensors`` (e.g. the memory's
@@ -238,7 +287,7 @@ def save_checkpoint(
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     try:
-        state_text = json.dumps({"format_version": FORMAT_VERSION, "epoch": epoch, "train_state": train_state},
+        state_text = json.dumps({"format_version": FORMAT_VERSION, "epoch": epoch, "train_state": train_state.to_dict()},
                                 indent=2, sort_keys=True)
     except TypeError as error:
         raise CheckpointError(f"train_state is not JSON-serialisable: {error}") from None
@@ -403,7 +452,7 @@ def load_checkpoint(path: str | Path) -> CheckpointData:
         model_state=model_state,
         optimizer_state=_torch_load(path / OPTIMIZER_FILE) if OPTIMIZER_FILE in sizes else None,
         rng_state=_torch_load(path / RNG_FILE) if RNG_FILE in sizes else None,
-        train_state=state["train_state"],
+        train_state=TrainState.from_dict(state.get("train_state"), path / STATE_FILE),
         config=config,
         tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
         extra_states=extra,

@@ -58,6 +58,7 @@ from noblankslate.model.lora import is_adapted, trainable_parameters
 from noblankslate.model.weights import read_state_dict
 from noblankslate.runtime import DistributedContext, print0
 from noblankslate.train.checkpoint import (
+    TrainState,
     capture_rng_state,
     check_run_folder,
     checkpoint_name,
@@ -239,11 +240,11 @@ class Trainer:
             checkpoint = load_checkpoint(resume_from)
             check_resume_config(checkpoint.config, config, resume_from)
             self.start_epoch = checkpoint.epoch
-            self.best_accuracy = checkpoint.train_state.get("best_accuracy", 0.0)
-            self.global_step = checkpoint.train_state.get("global_step", 0)
+            self.best_accuracy = checkpoint.train_state.best_accuracy
+            self.global_step = checkpoint.train_state.global_step
             # a mid-epoch checkpoint: that many steps of epoch start_epoch + 1 are done, with this loss so far
-            self.resume_step = checkpoint.train_state.get("step_in_epoch", 0)
-            self.resume_loss = checkpoint.train_state.get("epoch_loss")
+            self.resume_step = checkpoint.train_state.step_in_epoch
+            self.resume_loss = checkpoint.train_state.epoch_loss
             if checkpoint.optimizer_state is not None:
                 self.parallel.load_optimizer_state(self.optimizer, checkpoint.optimizer_state)
             if checkpoint.rng_state is not None:
@@ -436,13 +437,13 @@ class Trainer:
         model_state = self.parallel.full_state_dict(plain_causallm=plain)
         optimizer_state = self.parallel.optimizer_state(self.optimizer)
         if self.context.is_main:
-            mid = {"step_in_epoch": step_in_epoch, "epoch_loss": epoch_loss} if step_in_epoch else {}
             done = epoch if step_in_epoch else epoch + 1
             save_checkpoint(
                 self.run_dir, done, step_in_epoch=step_in_epoch, model_state=model_state,
                 optimizer_state=optimizer_state, rng_state=capture_rng_state(),
-                train_state={"epoch": done, "stage": stage, "global_step": self.global_step,
-                             "best_accuracy": self.best_accuracy, **mid},
+                train_state=TrainState(epoch=done, stage=stage, global_step=self.global_step,
+                                       best_accuracy=self.best_accuracy, step_in_epoch=step_in_epoch,
+                                       epoch_loss=epoch_loss if step_in_epoch else None),
                 config=self.config, tokenizer=self.setup.tokenizer,
                 extra_states={"nudge_heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
                               "nudge_buffer": self.buffer.state_dict()}
