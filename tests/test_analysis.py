@@ -297,5 +297,10 @@ def test_nbs_analyze_on_a_saved_checkpoint(setup, run_config, tmp_path, capsys):
         assert (out / name).stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "coconut at stage 3: 4 items" in printed and "--- item 0" in printed
+    assert main(["analyze", str(config_file), "--limit", "2", "--beside", str(out / "analysis.json")]) == 0
+    default_out = Path(config.run_dir) / "analysis_checkpoint_3"
+    table = (default_out / "side_by_side.md").read_text().splitlines()
+    assert len(table) == 4 and all(line.startswith("| coconut |") for line in table[2:])
+    capsys.readouterr()
     assert main(["analyze", str(config_file), "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert f"analysis error: {tmp_path / 'nowhere'}: not a checkpoint folder" in capsys.readouterr().err

@@ -18,7 +18,12 @@ def analyze(config_path: str, overrides: list[str], checkpoint: str | None, data
     if checkpoint is None and config.load_model_path is None:
         found = latest_checkpoint(config.run_dir)
         checkpoint = str(found) if found is not None else None
-    folder = Path(out) if out is not None else (Path(checkpoint) if checkpoint else config.run_dir) / "analysis"
+    if out is not None:
+        folder = Path(out)
+    elif checkpoint is not None:  # beside the checkpoint, not inside it (its files are checksummed)
+        folder = Path(checkpoint).parent / f"analysis_{Path(checkpoint).name}"
+    else:
+        folder = config.run_dir / "analysis"
     report = run_analysis(config, checkpoint, data=data, out=folder, limit=limit, show=show, top_k=top_k, seed=seed)
     print(f"wrote {folder / REPORT_FILE} and {len(report['figures'])} figures")
     if beside:
@@ -41,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="checkpoint folder (default: the latest complete checkpoint of the run "
                                         "folder, or load_model_path when the config sets it)")
     p.add_argument("--data", help="data file to analyse instead of val_path")
-    p.add_argument("--out", help="output folder (default: CHECKPOINT/analysis)")
+    p.add_argument("--out", help="output folder (default: analysis_<checkpoint name> beside the checkpoint)")
     p.add_argument("--limit", type=int, help="analyse only the first N items")
     p.add_argument("--show", type=int, default=0, metavar="K", help="print K items with their decoded thoughts")
     p.add_argument("--top-k", type=int, default=5, help="tokens kept per decoded thought (default 5)")
