@@ -16,7 +16,7 @@ from run_helpers import CPU, tiny_config
 
 from noblankslate.analysis.budget import budget_curve
 from noblankslate.analysis.interventions import derangement, interventions
-from noblankslate.analysis.run import analyze_subject, side_by_side
+from noblankslate.analysis.run import analyze, analyze_subject, side_by_side
 from noblankslate.analysis.search import heights, hop_sets, latent_search, leads_to, name_tokens, node_groups
 from noblankslate.analysis.subject import Subject, generate, latent_prompt
 from noblankslate.analysis.thoughts import decoded_thoughts
@@ -304,3 +304,15 @@ def test_nbs_analyze_on_a_saved_checkpoint(setup, run_config, tmp_path, capsys):
     capsys.readouterr()
     assert main(["analyze", str(config_file), "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert f"analysis error: {tmp_path / 'nowhere'}: not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_a_cot_checkpoint_gets_its_ordinary_evaluation_and_the_reasons_for_the_rest(run_config, tmp_path):
+    config = replace(run_config, coconut=False, cot=True, save_path=str(tmp_path / "runs"))
+    cot = setup_run(config)
+    folder = save_checkpoint(config.run_dir, 1, model_state=cot.model.base_causallm.state_dict(), optimizer_state=None,
+                             rng_state=None, train_state={"epoch": 1, "stage": 0}, config=config, tokenizer=cot.tokenizer)
+    report = analyze(config, folder, out=tmp_path / "out", limit=3, echo=lambda line: None)
+    assert report["method"] == "cot" and report["ordinary"]["n"] == 3 and report["ordinary"]["T"] == 0
+    assert set(report["skipped"]) == {"budget", "decoded", "search", "interventions"}
+    assert "feeds no continuous thoughts" in report["skipped"]["decoded"]
+    assert report["figures"] == []
