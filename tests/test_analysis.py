@@ -11,18 +11,28 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from run_helpers import CPU, tiny_config
 
 from noblankslate.analysis.budget import budget_curve
 from noblankslate.analysis.interventions import derangement, interventions
 from noblankslate.analysis.run import analyze, analyze_subject, side_by_side
-from noblankslate.analysis.search import heights, hop_sets, latent_search, leads_to, name_tokens, node_groups
+from noblankslate.analysis.search import (
+    heights,
+    hop_sets,
+    latent_search,
+    leads_to,
+    name_tokens,
+    node_groups,
+)
 from noblankslate.analysis.subject import Subject, generate, latent_prompt
 from noblankslate.analysis.thoughts import decoded_thoughts
 from noblankslate.cli import main
 from noblankslate.config import config_from_dict
-from noblankslate.data.curriculum import prompt_features, prompt_latent_count, prompt_view
+from noblankslate.data.curriculum import (
+    prompt_features,
+    prompt_latent_count,
+    prompt_view,
+)
 from noblankslate.eval.evaluate import evaluate_generation
 from noblankslate.eval.setup import setup_run
 from noblankslate.model.coconut import Coconut
@@ -165,8 +175,9 @@ def test_budget_stops_where_the_positions_run_out(setup):
     finally:
         config.n_positions = saved
     assert [b["j"] for b in curve["budgets"]] == [0, 1, 2, 3]
-    assert curve["skipped"] == [f"j=4: a prompt of {longest_at_3 + 1} tokens + max_new_tokens 5 exceeds the "
-                                f"model's {longest_at_3 + 5} positions"]
+    message = (f"j=4: a prompt of {longest_at_3 + 1} tokens + max_new_tokens 5 exceeds the "
+               f"model's {longest_at_3 + 5} positions")
+    assert curve["skipped"] == [message]
 
 
 def test_exit_oracle_counts_items_right_before_T(setup):

@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 GROUP_COLOURS = {"frontier": "tab:green", "earlier": "tab:grey", "later": "tab:blue", "unreachable": "tab:red"}
 

@@ -183,9 +183,9 @@ def _percent(x: float) -> str:
 def format_summary(report: dict[str, Any]) -> list[str]:
     """The printed summary: one short block per part, and the skipped parts with their reasons."""
     o = report["ordinary"]
-    lines = [f"{report['method']} at stage {report['stage']}: {o['n']} items, accuracy {_percent(o['accuracy'])} "
-             f"with T = {o['T']} latent tokens, {o['mean_generated_tokens']:.1f} tokens and "
-             f"{o['mean_forward_passes']:.1f} forward passes per item"]
+    lines = [(f"{report['method']} at stage {report['stage']}: {o['n']} items, accuracy {_percent(o['accuracy'])} "
+              f"with T = {o['T']} latent tokens, {o['mean_generated_tokens']:.1f} tokens and "
+              f"{o['mean_forward_passes']:.1f} forward passes per item")]
     if "budget" in report:
         b = report["budget"]
         lines.append("budget  j: " + "  ".join(
@@ -202,13 +202,12 @@ def format_summary(report: dict[str, Any]) -> list[str]:
             f"t{s['t']}={s['mean_norm']:.2f}, top-1 p {s['mean_top1_probability']:.2f} "
             f"({', '.join(repr(t) for t, _ in s['most_common_top1'][:3])})" for s in d["per_step"]))
     if "search" in report:
-        for s in report["search"]["per_step"]:
-            mass = ", ".join(f"{g} {s['mean_mass'][g]:.3f}" for g in s["mean_mass"])
-            lead, other = s["frontier_value_leads_to_target"], s["frontier_value_other"]
-            lines.append(f"search thought {s['t']}: mass {mass}; frontier value leads-to-target "
-                         f"{lead['mean']:.3f} (n={lead['n']})" if lead else f"search thought {s['t']}: mass {mass}")
-            if other:
-                lines[-1] += f", other {other['mean']:.3f} (n={other['n']})"
+        for step in report["search"]["per_step"]:
+            line = f"search thought {step['t']}: mass " + ", ".join(f"{g} {m:.3f}" for g, m in step["mean_mass"].items())
+            for key, label in (("frontier_value_leads_to_target", "leads to target"), ("frontier_value_other", "other")):
+                if step[key]:
+                    line += f"; frontier value {label} {step[key]['mean']:.3f} (n={step[key]['n']})"
+            lines.append(line)
     if "interventions" in report:
         lines.append("interventions (flip rate, accuracy): " + "  ".join(
             f"{r['name']} {_percent(r['flip_rate'])}/{_percent(r['accuracy'])}" for r in report["interventions"]["runs"]))

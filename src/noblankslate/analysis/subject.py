@@ -9,7 +9,7 @@ which item each row of the batch is (an intervention that swaps thoughts between
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,7 +53,7 @@ class Subject:
     method: str
     batch_size: int
     max_new_tokens: int
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def has_latent_budget(self) -> bool:

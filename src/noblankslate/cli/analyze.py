@@ -10,7 +10,8 @@ from pathlib import Path
 def analyze(config_path: str, overrides: list[str], checkpoint: str | None, data: str | None, out: str | None,
             limit: int | None, show: int, top_k: int, seed: int, beside: list[str]) -> int:
     """Analyse ``checkpoint`` (default: the latest complete one of the config's run folder)."""
-    from noblankslate.analysis.run import REPORT_FILE, analyze as run_analysis, side_by_side
+    from noblankslate.analysis.run import REPORT_FILE, side_by_side
+    from noblankslate.analysis.run import analyze as run_analysis
     from noblankslate.config import load_config
     from noblankslate.train.checkpoint import latest_checkpoint
 
