@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 GROUP_COLOURS = {"frontier": "tab:green", "earlier": "tab:grey", "later": "tab:blue", "unreachable": "tab:red"}
 
@@ -86,6 +87,7 @@ def plot_search_value(search: dict[str, Any], path: Path, title: str = "") -> Pa
                     ax.plot(*zip(*points), linestyle=style, marker="o",
                             label=f"thought {t}, {'leads to target' if leads else 'other'}")
         ax.set(xlabel=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("mean value of frontier nodes")
     axes[0].legend(fontsize=7)
     fig.suptitle(title or "value of frontier nodes vs height", fontsize=10)

@@ -234,7 +234,9 @@ def format_examples(report: dict[str, Any], subject: Subject, count: int) -> lis
 
 def method_row(report: dict[str, Any]) -> dict[str, Any]:
     """One row of the side-by-side table: the numbers that exist for this method."""
-    row: dict[str, Any] = {"method": report["method"], "accuracy": report["ordinary"]["accuracy"],
+    checkpoint = report.get("checkpoint")
+    row: dict[str, Any] = {"method": report["method"], "checkpoint": Path(checkpoint).name if checkpoint else None,
+                           "accuracy": report["ordinary"]["accuracy"],
                            "T": report["ordinary"]["T"], "forward_passes": report["ordinary"]["mean_forward_passes"]}
     budget = {b["j"]: b["accuracy"] for b in report.get("budget", {}).get("budgets", [])}
     row["accuracy_j0"] = budget.get(0)
@@ -247,7 +249,7 @@ def method_row(report: dict[str, Any]) -> dict[str, Any]:
 
 def side_by_side(reports: Sequence[dict[str, Any]]) -> str:
     """A markdown table of several analyses (Coconut beside its ablations); a dash where a part did not apply."""
-    columns = ["method", "accuracy", "T", "forward_passes", "accuracy_j0", "exit_oracle", "flip_swap", "flip_mean",
+    columns = ["method", "checkpoint", "accuracy", "T", "forward_passes", "accuracy_j0", "exit_oracle", "flip_swap", "flip_mean",
                "flip_noise_1"]
     rows = [method_row(r) for r in reports]
 
