@@ -288,6 +288,8 @@ def test_parts_that_do_not_apply_are_skipped_and_the_others_run(setup, tmp_path)
     assert sorted(Path(p).name for p in full["figures"]) == ["analysis_budget.png", "analysis_interventions.png",
                                                             "analysis_norms.png"]
     assert any(line.startswith("skipped search: ") for line in lines)
+    tables = (tmp_path / "full" / "analysis.md").read_text()
+    assert "| j | accuracy |" in tables and "| swap |" in tables and "Skipped search: " in tables
     assert sum(line.startswith("--- item") for line in lines) == 2 and any("thought 2 |h|=" in l for l in lines)
     table = side_by_side([full, report, cot]).splitlines()
     assert table[2].startswith("| coconut |") and table[4].startswith("| cot |") and "| - |" in table[4]

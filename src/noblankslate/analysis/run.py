@@ -29,6 +29,7 @@ from noblankslate.data.curriculum import scheduled_stage
 from noblankslate.eval.setup import setup_run
 
 REPORT_FILE = "analysis.json"
+TABLES_FILE = "analysis.md"
 STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
 
@@ -173,7 +174,68 @@ def write_outputs(report: dict[str, Any], out: str | Path) -> list[str]:
                                                 out / "analysis_interventions.png"))
     report["figures"] = [str(p) for p in drawn]
     write_json_atomic(report, out / REPORT_FILE)
+    (out / TABLES_FILE).write_text(markdown_tables(report), encoding="utf-8")
     return report["figures"]
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+
+def _p(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows), ""]
+
+
+def markdown_tables(report: dict[str, Any]) -> str:
+    """The report's numbers as markdown tables (``analysis.md``), one per part that ran."""
+    o = report["ordinary"]
+    lines = [f"# {report['method']} at stage {report['stage']}, {o['n']} items", "",
+             (f"Ordinary evaluation: accuracy {_percent(o['accuracy'])}, T = {o['T']}, "
+              f"{o['mean_generated_tokens']:.2f} generated tokens, {o['mean_forward_passes']:.2f} forward passes."), ""]
+    if "budget" in report:
+        b = report["budget"]
+        lines += ["## Thinking budget", ""]
+        lines += _table(["j", "accuracy", "generated tokens", "forward passes", "only j right", "only T right",
+                         "McNemar p"],
+                        [[r["j"], r["accuracy"], r["mean_generated_tokens"], r["mean_forward_passes"],
+                          r["vs_ordinary"]["only_first"], r["vs_ordinary"]["only_second"], _p(r["vs_ordinary"]["p_value"])]
+                         for r in b["budgets"]])
+        e = b["exit_oracle"]
+        lines += [(f"Exit oracle: {_percent(e['share_right_before_T'])} of items are right at some j < T "
+                   f"({_percent(e['share_right_before_T_among_right_at_T'])} of those right at T); oracle accuracy "
+                   f"{_percent(e['oracle_accuracy'])}. j = T equals the ordinary evaluation: "
+                   f"{b['j_T_matches_ordinary']}."), ""]
+    if "decoded" in report:
+        d = report["decoded"]
+        lines += ["## Decoded thoughts", "", (f"Token embedding norms: median {d['embedding_norms']['median']:.3f}, "
+                                              f"range {d['embedding_norms']['min']:.3f}-{d['embedding_norms']['max']:.3f}."), ""]
+        lines += _table(["thought", "mean norm", "norm / median embedding", "mean top-1 p", "most frequent top-1"],
+                        [[s["t"], s["mean_norm"], s["norm_over_median_embedding"], s["mean_top1_probability"],
+                          ", ".join(f"`{t!r}` {c}" for t, c in s["most_common_top1"][:4])] for s in d["per_step"]])
+    if "search" in report:
+        lines += ["## Latent search", ""]
+        rows = []
+        for s in report["search"]["per_step"]:
+            lead, other = s["frontier_value_leads_to_target"], s["frontier_value_other"]
+            rows.append([s["t"], *(s["mean_mass"][g] for g in ("frontier", "earlier", "later", "unreachable")),
+                         lead["mean"] if lead else None, other["mean"] if other else None])
+        lines += _table(["thought", "frontier", "earlier", "later", "unreachable", "frontier value: leads to target",
+                         "frontier value: other"], rows)
+    if "interventions" in report:
+        lines += ["## Interventions", ""]
+        lines += _table(["intervention", "flip rate", "flips", "accuracy", "McNemar p vs unperturbed"],
+                        [[r["name"], r["flip_rate"], r["flips"], r["accuracy"], _p(r["vs_unperturbed"]["p_value"])]
+                         for r in report["interventions"]["runs"]])
+    for part, why in report["skipped"].items():
+        lines.append(f"Skipped {part}: {why}")
+    return "\n".join(lines) + "\n"
 
 
 def _percent(x: float) -> str:
