@@ -221,6 +221,7 @@ def test_latent_search_masses_are_the_lm_head_probabilities(setup):
     assert steps[0]["mass"]["later"] == pytest.approx(value[0][2])
     assert steps[1]["mass"]["earlier"] == pytest.approx(value[1][0] + value[1][1] + value[1][3])
     assert steps[1]["mass"]["unreachable"] == pytest.approx(value[1][4])
+    assert steps[1]["target_value"] == pytest.approx(value[1][2])
     frontier = {node["name"]: node for node in steps[0]["frontier"]}
     assert frontier[names[1]]["leads_to_target"] and not frontier[names[3]]["leads_to_target"]
     assert frontier[names[1]]["height"] == 1 and frontier[names[3]]["height"] == 0

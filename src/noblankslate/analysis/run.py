@@ -225,9 +225,9 @@ def markdown_tables(report: dict[str, Any]) -> str:
         for s in report["search"]["per_step"]:
             lead, other = s["frontier_value_leads_to_target"], s["frontier_value_other"]
             rows.append([s["t"], *(s["mean_mass"][g] for g in ("frontier", "earlier", "later", "unreachable")),
-                         lead["mean"] if lead else None, other["mean"] if other else None])
-        lines += _table(["thought", "frontier", "earlier", "later", "unreachable", "frontier value: leads to target",
-                         "frontier value: other"], rows)
+                         s["mean_target_value"], lead["mean"] if lead else None, other["mean"] if other else None])
+        lines += _table(["thought", "frontier", "earlier", "later", "unreachable", "target",
+                         "frontier value: leads to target", "frontier value: other"], rows)
     if "interventions" in report:
         lines += ["## Interventions", ""]
         lines += _table(["intervention", "flip rate", "flips", "accuracy", "McNemar p vs unperturbed"],

@@ -173,6 +173,7 @@ def latent_search(model: Coconut, tokenizer, examples: Sequence[Example],
                 for g, nodes in groups.items()}
         item["steps"].append({
             "t": t + 1, "hop": hop, "mass": mass, "sizes": {g: len(nodes) for g, nodes in groups.items()},
+            "target_value": value[target],
             "frontier": [{"node": v, "name": examples[i].extra["idx_to_symbol"][v], "value": value[v],
                           "leads_to_target": v in item["leads"], "height": item["shortest"][v],
                           "longest_path_below": item["longest"][v]} for v in sorted(groups["frontier"])],
@@ -192,7 +193,8 @@ def _per_step(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
             by_step.setdefault(step["t"], []).append(step)
     out = []
     for t, steps in sorted(by_step.items()):
-        entry: dict[str, Any] = {"t": t, "n": len(steps), "mean_mass": {}, "mean_mass_per_node": {}}
+        entry: dict[str, Any] = {"t": t, "n": len(steps), "mean_mass": {}, "mean_mass_per_node": {},
+                                 "mean_target_value": float(np.mean([s["target_value"] for s in steps]))}
         for g in GROUPS:
             entry["mean_mass"][g] = float(np.mean([s["mass"][g] for s in steps]))
             per_node = [s["mass"][g] / s["sizes"][g] for s in steps if s["sizes"][g]]
