@@ -151,7 +151,8 @@ def analyze(config: Config, checkpoint: str | Path | None = None, *, data: str |
     """``nbs analyze`` as a function: :func:`load_subject`, then :func:`analyze_subject`."""
     subject = load_subject(config, checkpoint, data=data, limit=limit)
     meta = {"checkpoint": str(checkpoint) if checkpoint is not None else config.load_model_path,
-            "data": str(data) if data is not None else config.val_path}
+            "data": str(data) if data is not None else config.val_path,
+            "stage_from": checkpoint_stage(Path(checkpoint) if checkpoint is not None else None, config)[1]}
     return analyze_subject(subject, out, show=show, meta=meta, **options)
 
 
