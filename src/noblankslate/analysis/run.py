@@ -305,7 +305,7 @@ def method_row(report: dict[str, Any]) -> dict[str, Any]:
     row["accuracy_j0"] = budget.get(0)
     row["exit_oracle"] = report.get("budget", {}).get("exit_oracle", {}).get("share_right_before_T")
     for run in report.get("interventions", {}).get("runs", []):
-        if run["name"] in ("swap", "mean", "noise_1"):
+        if run["name"] in ("swap", "mean", "noise_1", "zero_1"):
             row[f"flip_{run['name']}"] = run["flip_rate"]
     return row
 
@@ -313,7 +313,7 @@ def method_row(report: dict[str, Any]) -> dict[str, Any]:
 def side_by_side(reports: Sequence[dict[str, Any]]) -> str:
     """A markdown table of several analyses (Coconut beside its ablations); a dash where a part did not apply."""
     columns = ["method", "checkpoint", "accuracy", "T", "forward_passes", "accuracy_j0", "exit_oracle", "flip_swap", "flip_mean",
-               "flip_noise_1"]
+               "flip_noise_1", "flip_zero_1"]
     rows = [method_row(r) for r in reports]
 
     def cell(value: Any) -> str:
