@@ -330,3 +330,12 @@ def test_a_cot_checkpoint_gets_its_ordinary_evaluation_and_the_reasons_for_the_r
     assert set(report["skipped"]) == {"budget", "decoded", "search", "interventions"}
     assert "feeds no continuous thoughts" in report["skipped"]["decoded"]
     assert report["figures"] == []
+
+
+def test_nbs_analyze_without_a_checkpoint_says_what_to_pass(run_config, tmp_path, capsys):
+    config_file = tmp_path / "config.yaml"
+    replace(run_config, save_path=str(tmp_path / "empty")).save(config_file)
+    assert main(["analyze", str(config_file)]) == 2
+    assert "analysis error: nothing to analyse: pass --checkpoint" in capsys.readouterr().err
+    assert main(["analyze", str(config_file), "--checkpoint", str(tmp_path), "--limit", "0"]) == 2
+    assert "analysis error: --limit must be >= 1, got 0" in capsys.readouterr().err
