@@ -1,4 +1,4 @@
-"""Imports run one way: config/errors/files/runtime <- data <- model <- eval <- memory <- train <- experiment/demo <- cli.
+"""Imports run one way: config/errors/files/runtime <- data <- model <- eval <- memory/analysis <- train <- experiment/demo <- cli.
 
 A module may import its own layer and the layers below it, never a layer above (the model knows no data
 or training code; the memory knows no trainer). The test reads every import statement, including those
@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "noblankslate"
-LAYER = {"config": 0, "errors": 0, "files": 0, "runtime": 0, "data": 1, "model": 2, "eval": 3, "memory": 4, "train": 5,
+LAYER = {"config": 0, "errors": 0, "files": 0, "runtime": 0, "data": 1, "model": 2, "eval": 3, "memory": 4, "analysis": 4, "train": 5,
          "experiment": 6, "demo": 6, "cli": 7}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from noblankslate.cli import analyze as analyze_commands
 from noblankslate.cli import data as data_commands
 from noblankslate.cli import demo as demo_commands
 from noblankslate.cli import experiment as experiment_commands
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory_commands.register(subparsers)
     demo_commands.register(subparsers)
     experiment_commands.register(subparsers)
+    analyze_commands.register(subparsers)
     return parser
 
 
