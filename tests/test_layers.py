@@ -10,7 +10,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "noblankslate"
 LAYER = {"config": 0, "errors": 0, "files": 0, "runtime": 0, "data": 1, "model": 2, "eval": 3, "memory": 4, "train": 5,
-         "experiment": 6, "demo": 6, "cli": 7}
+         "experiment": 6, "demo": 6, "cli": 7,
+         # a trained model's users (load, answer, evaluate a file, export) need evaluation, never training
+         "inference": 4}
 
 
 def _imports(path: Path) -> list[str]:

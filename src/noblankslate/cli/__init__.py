@@ -14,6 +14,7 @@ import sys
 from noblankslate.cli import data as data_commands
 from noblankslate.cli import demo as demo_commands
 from noblankslate.cli import experiment as experiment_commands
+from noblankslate.cli import inference as inference_commands
 from noblankslate.cli import memory as memory_commands
 from noblankslate.cli import plot as plot_commands
 from noblankslate.cli import train as train_commands
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory_commands.register(subparsers)
     demo_commands.register(subparsers)
     experiment_commands.register(subparsers)
+    inference_commands.register(subparsers)
     return parser
 
 
