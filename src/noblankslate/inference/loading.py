@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from noblankslate.config import Config, config_from_dict, load_config
+from noblankslate.config import METHOD_FLAGS, Config, config_from_dict, load_config
 from noblankslate.data.curriculum import CurriculumSpec, scheduled_stage
 from noblankslate.model.checkpoint_files import (
     CHECKPOINT_NAME,
@@ -179,6 +179,9 @@ def _load_export(folder: Path) -> ThinkingModel:
         raise CheckpointError(f"{folder / EXPORT_FILE}: not a noblankslate export file: {error}") from None
     if version != EXPORT_FORMAT_VERSION:
         raise CheckpointError(f"{folder / EXPORT_FILE}: format_version {version}; this version reads {EXPORT_FORMAT_VERSION}")
+    if info.get("method") not in METHOD_FLAGS:
+        raise CheckpointError(f"{folder / EXPORT_FILE}: unknown method {info.get('method')!r}; expected one of "
+                              f"{', '.join(METHOD_FLAGS)}")
     try:
         ids = info["latent_token_ids"]
         start, end, latent = ids["start"], ids["end"], ids["latent"]
