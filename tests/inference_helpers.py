@@ -12,14 +12,14 @@ from run_helpers import CPU, tiny_config
 _RUNS: dict[tuple, Path] = {}
 
 
-def trained_run(tmp_path_factory, data: tuple[Path, Path]) -> Path:
+def trained_run(tmp_path_factory, data: tuple[Path, Path], arch: str = "gpt2") -> Path:
     """A 6-epoch Coconut run (2 epochs per stage, 2 thoughts at the end) that has learnt the answer format
-    ("### X is a Y."), trained once per test session (about a second)."""
-    key = tuple(str(p) for p in data)
+    ("### X is a Y."), trained once per test session and data set (about a second)."""
+    key = (*(str(p) for p in data), arch)
     if key not in _RUNS:
         folder = tmp_path_factory.mktemp("trained")
         raw = tiny_config(folder, data, num_epochs=6, epochs_per_stage=2, lr=1e-2, max_new_tokens=8,
-                          model_config={"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.0})
+                          model_config={"arch": arch, "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.0})
         train(config_from_dict(raw), CPU)
         _RUNS[key] = folder / "runs" / "tiny"
     return _RUNS[key]

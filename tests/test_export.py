@@ -31,6 +31,18 @@ def exported(run_dir, tmp_path_factory) -> Path:
     return out
 
 
+def test_a_llama_export_round_trips(tmp_path_factory, tiny_data, tmp_path):
+    run = trained_run(tmp_path_factory, tiny_data, arch="llama")
+    thinking = load(run)
+    export_model(thinking, tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    ids = torch.tensor([[1, 5, 9, thinking.spec.start_id, thinking.spec.latent_id, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, thinking.model.base_causallm(ids).logits)
+    qs = questions(tiny_data[1])
+    assert [a.to_dict() for a in load(tmp_path / "llama").answer(qs)] == [a.to_dict() for a in thinking.answer(qs)]
+
+
 def test_transformers_loads_the_export_with_the_same_logits(run_dir, exported):
     thinking = load(run_dir / "checkpoint_6")
     model = AutoModelForCausalLM.from_pretrained(exported).eval()

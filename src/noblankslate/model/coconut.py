@@ -80,7 +80,7 @@ class Sampling:
 
     Attributes:
         temperature: logits are divided by it (> 0; toward 0 the draw becomes the argmax).
-        top_k: keep only the ``top_k`` most likely tokens (0: all).
+        top_k: keep only the ``top_k`` most likely tokens (0: all; tokens tied with the k-th are kept).
         top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
             (nucleus sampling; 1.0: all). The most likely token is always kept.
         generator: the random source; None draws from torch's global generator.
