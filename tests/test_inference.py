@@ -98,6 +98,8 @@ def test_nbs_generate_reads_questions_from_flags_files_and_stdin(capsys, monkeyp
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in qs))
     code, out, _ = nbs(capsys, "generate", run_dir, "--file", tmp_path / "q.jsonl", "--json", "--batch-size", "2")
     assert [json.loads(line) for line in out.splitlines()] == expected
+    code, out, _ = nbs(capsys, "generate", run_dir, "--file", tiny_data[1], "--json")  # a Coconut data file
+    assert [json.loads(line) for line in out.splitlines()][:3] == expected
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(qs) + "\n"))
     code, out, _ = nbs(capsys, "generate", run_dir, "--json")
     assert [json.loads(line) for line in out.splitlines()] == expected

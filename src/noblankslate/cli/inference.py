@@ -181,8 +181,10 @@ def _model_arguments(p: argparse.ArgumentParser, name: str = "model") -> None:
     p.add_argument("--config", help="the run config of an original-code weights file")
 
 
-def _sampling_arguments(p: argparse.ArgumentParser) -> None:
+def _sampling_arguments(p: argparse.ArgumentParser, samples: bool = False) -> None:
     group = p.add_argument_group("sampling (only with --sample; greedy otherwise)")
+    if samples:
+        group.add_argument("--num-samples", type=int, help="answers per question (default 1)")
     group.add_argument("--sample", action="store_true", help="sample the answer tokens (the thoughts stay deterministic)")
     group.add_argument("--temperature", type=float, help="divide the logits by this (> 0; default 1.0)")
     group.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 0: all)")
@@ -222,8 +224,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                       "(default predictions.jsonl)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _decoding_arguments(p)
-    _sampling_arguments(p)
-    p.add_argument("--num-samples", type=int, help="with --sample: answers per question (default 1)")
+    _sampling_arguments(p, samples=True)
     p.set_defaults(handler=evaluate)
 
     p = subparsers.add_parser("export", help="export a checkpoint as a Hugging Face folder",
