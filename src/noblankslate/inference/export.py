@@ -84,6 +84,11 @@ def model_card(thinking: ThinkingModel, info: dict[str, Any], accuracy: dict[str
                     "(from the run's metrics.jsonl).")
     else:
         measured = "Not measured: the run folder has no metrics.jsonl record of this checkpoint's epoch."
+    start, latent, end = (info["latent_token_ids"][k] for k in ("start", "latent", "end"))
+    newline = '`question + "\\n"`'
+    layout = (f"{newline}, then `<|start-latent|>` (id {start}), one `<|latent|>` (id {latent}) per thought, "
+              f"`<|end-latent|>` (id {end})" if info["use_markers"]
+              else f"{newline} alone (this method was trained without latent tokens)")
     config = (f"```yaml\n{yaml.safe_dump(thinking.config, sort_keys=False)}```" if thinking.config
               else "Not known (the source had no run config).")
     return f"""---
@@ -119,8 +124,7 @@ nbs generate {folder} --question "..." --thoughts-decoded
 nbs eval {folder} --data valid.json
 ```
 
-Prompt layout: `question + "\\n"`, then `<|start-latent|>`, one `<|latent|>` per thought, `<|end-latent|>`
-(ids {info['latent_token_ids']}); the answer follows `### `.
+Prompt layout: {layout}; the answer follows `### `.
 
 ## Measured accuracy
 
