@@ -73,9 +73,10 @@ def measured_accuracy(thinking: ThinkingModel) -> dict[str, Any] | None:
     return found
 
 
-def model_card(thinking: ThinkingModel, info: dict[str, Any], accuracy: dict[str, Any] | None, folder: Path) -> str:
-    """README.md of the export: what the model is, how to load it, the config and the measured accuracy."""
-    base = type(thinking.model.base_causallm).__name__
+def model_card(thinking: ThinkingModel, info: dict[str, Any], accuracy: dict[str, Any] | None, folder: Path,
+               base: str) -> str:
+    """README.md of the export: what the model is (``base``: its class), how to load it, the config and the
+    measured accuracy."""
     if accuracy is not None:
         measured = (f"Accuracy on the run's validation file (`{(thinking.config or {}).get('val_path')}`) at epoch "
                     f"{accuracy['epoch']} (stage {accuracy.get('stage')}): **{accuracy['accuracy']:.4f}** "
@@ -139,6 +140,9 @@ Prompt layout: {layout}; the answer follows `### `.
 def export_model(thinking: ThinkingModel, out: str | Path) -> Path:
     """Write ``thinking`` as a Hugging Face folder at ``out`` (which must not exist or be empty).
 
+    A peft base model is merged in place (``merge_and_unload``), so ``thinking`` holds the merged weights
+    afterwards.
+
     Returns:
         The folder written.
 
@@ -158,7 +162,7 @@ def export_model(thinking: ThinkingModel, out: str | Path) -> Path:
         base.save_pretrained(str(tmp))
         thinking.tokenizer.save_pretrained(str(tmp))
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(thinking, info, measured_accuracy(thinking), out),
+        (tmp / "README.md").write_text(model_card(thinking, info, measured_accuracy(thinking), out, type(base).__name__),
                                        encoding="utf-8")
         if out.exists():
             out.rmdir()
