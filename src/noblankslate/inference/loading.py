@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
-from noblankslate.config import METHOD_FLAGS, Config, config_from_dict, load_config
+from noblankslate.config import METHOD_FLAGS, Config, ConfigError, config_from_dict, load_config
 from noblankslate.data.curriculum import CurriculumSpec, scheduled_stage
 from noblankslate.model.checkpoint_files import (
     CHECKPOINT_NAME,
@@ -37,6 +37,11 @@ from noblankslate.model.checkpoint_files import (
 )
 from noblankslate.inference.model import ThinkingModel
 from noblankslate.model.weights import MODEL_FILE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from noblankslate.model.coconut import Coconut
 
 EXPORT_FILE = "coconut.json"
 """What an exported folder adds to a Hugging Face model folder (see :mod:`noblankslate.inference.export`)."""
@@ -106,7 +111,8 @@ def load(
     return thinking
 
 
-def _build(config: Config, weights: Path, tokenizer_texts) -> tuple[Any, Any]:
+def _build(config: Config, weights: Path, tokenizer_texts) -> tuple[Coconut, PreTrainedTokenizerBase]:
+    """Tokenizer and model built as training builds them, with ``weights`` loaded strictly."""
     from noblankslate.model.build import build_model, build_tokenizer
 
     config = replace(config, load_model_path=str(weights))
@@ -115,7 +121,7 @@ def _build(config: Config, weights: Path, tokenizer_texts) -> tuple[Any, Any]:
     return built.model, built.tokenizer
 
 
-def _thinking(model, tokenizer, config: Config, stage: int, source: Path, epoch: int | None,
+def _thinking(model: Coconut, tokenizer: PreTrainedTokenizerBase, config: Config, stage: int, source: Path, epoch: int | None,
               raw: dict[str, Any]) -> ThinkingModel:
     from noblankslate.model.special_tokens import LatentTokenIds
 
@@ -134,7 +140,10 @@ def _load_checkpoint(folder: Path) -> ThinkingModel:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     except (ValueError, yaml.YAMLError) as error:
         raise CheckpointError(f"{folder}: cannot parse {STATE_FILE} or {CONFIG_FILE}: {error}") from None
-    config = config_from_dict(raw)
+    try:
+        config = config_from_dict(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{folder / CONFIG_FILE}: {error}") from None
     train_state = state.get("train_state", {})
     epoch = int(state.get("epoch", 0))
     stage = train_state.get("stage")
