@@ -173,7 +173,7 @@ def test_bad_input_gives_one_clear_line(capsys, run_dir, tiny_data, tmp_path):
     records = json.loads(tiny_data[1].read_text())
     del records[1]["answer"]
     (tmp_path / "bad.json").write_text(json.dumps(records))
-    code, _, err = nbs(capsys, "eval", run_dir, "--data", tmp_path / "bad.json")
+    code, _, err = nbs(capsys, "eval", tmp_path / "empty", "--data", tmp_path / "bad.json")  # data checked first
     assert code == 2 and f"data error: {tmp_path / 'bad.json'}: record 1, field 'answer': missing" in err
 
     code, _, err = nbs(capsys, "eval", run_dir, "--data", tiny_data[1], "--temperature", "0.5", "--num-samples", "3")
@@ -209,3 +209,18 @@ def test_thought_counts_a_method_has_no_place_for_are_refused(thinking):
         cot.answer("q", num_thoughts=2)
     with pytest.raises(InferenceError, match="question 1 is empty"):
         thinking.answer(["a question", " "])
+
+
+def test_a_checkpoint_whose_config_names_no_known_method_is_refused(capsys, run_dir, tiny_data, tmp_path):
+    import hashlib
+
+    copy = tmp_path / "checkpoint_6"
+    shutil.copytree(run_dir / "checkpoint_6", copy)
+    config = copy / "config.yaml"
+    config.write_text(config.read_text().replace("coconut: true", "coconut: false"))
+    marker = json.loads((copy / "COMPLETE").read_text())  # a consistent marker: only the method is wrong
+    marker["files"]["config.yaml"] = config.stat().st_size
+    marker["sha256"]["config.yaml"] = hashlib.sha256(config.read_bytes()).hexdigest()
+    (copy / "COMPLETE").write_text(json.dumps(marker))
+    code, _, err = nbs(capsys, "eval", copy, "--data", tiny_data[1])
+    assert code == 2 and err.startswith(f"config error: {config}: no method chosen: set exactly one of coconut, cot")

@@ -131,14 +131,16 @@ def evaluate(args: argparse.Namespace) -> int:
     """Accuracy (or pass@k and majority vote) on a data file; one process or under torchrun."""
     sample = _sampling_options(args, args.num_samples)
     _quiet_transformers()
+    from noblankslate.data.schema import load_examples
     from noblankslate.inference import load
     from noblankslate.inference.evaluation import evaluate_file
     from noblankslate.runtime import distributed_context
 
+    examples = load_examples(args.data)  # a bad record stops the run before the model is loaded
     with distributed_context() as context:
         thinking = load(args.model, config=args.config, device=context.device)
-        report = evaluate_file(thinking, args.data, context, num_thoughts=args.num_thoughts,
-                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, sample=sample)
+        report = evaluate_file(thinking, args.data, context, num_thoughts=args.num_thoughts, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, sample=sample, examples=examples)
         if not context.is_main:
             return 0
         out = Path(args.predictions)

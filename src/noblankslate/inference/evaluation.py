@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from noblankslate.data.curriculum import prompt_features, prompt_view
-from noblankslate.data.schema import DataError, RecordProblem, load_examples
+from noblankslate.data.schema import DataError, Example, RecordProblem, load_examples
 from noblankslate.data.tokenize import tokenize_examples
 from noblankslate.eval.answers import normalize_answer
 from noblankslate.eval.evaluate import evaluate_generation
@@ -104,13 +104,18 @@ def evaluate_file(
     batch_size: int = 32,
     max_new_tokens: int | None = None,
     sample: SamplingOptions | None = None,
+    examples: list[Example] | None = None,
 ) -> FileEval:
     """Score ``thinking`` on a data file in the Coconut format.
+
+    Args:
+        examples: the file's examples when already loaded (``nbs eval`` validates the file before it
+            loads the model).
 
     Raises:
         DataError: naming the file, record and field of every bad record (before any generation).
     """
-    examples = load_examples(data)
+    examples = load_examples(data) if examples is None else examples
     tokens = tokenize_examples(examples, thinking.tokenizer)
     if num_thoughts is None:
         prompts = prompt_view(tokens, thinking.stage, thinking.spec)
