@@ -104,7 +104,7 @@ def test_nbs_generate_reads_questions_from_flags_files_and_stdin(capsys, monkeyp
     code, out, _ = nbs(capsys, "generate", run_dir, "--json")
     assert [json.loads(line) for line in out.splitlines()] == expected
     code, out, _ = nbs(capsys, "generate", run_dir, "-q", qs[0], "--thoughts-decoded", "2", "--num-thoughts", "1")
-    assert code == 0 and "thought 1: " in out and "thought 2: " not in out and "(1 thoughts," in out
+    assert code == 0 and "thought 1: " in out and "thought 2: " not in out and "(1 thought, " in out
     assert f"answer: {thinking.answer(qs[0], 1)[0].answer}" in out
 
 

@@ -83,14 +83,18 @@ def read_questions(questions: list[str] | None, file: str | None) -> list[str]:
     return out
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def _format_answer(answer, show_thoughts: bool) -> str:
     lines = [f"question: {answer.question}"]
     if show_thoughts and answer.thought_tokens is not None:
         for i, thought in enumerate(answer.thought_tokens, 1):
             lines.append(f"  thought {i}: " + "  ".join(f"{token!r} {p:.3f}" for token, p in thought))
     lines.append(f"output: {answer.output!r}")
-    lines.append(f"answer: {answer.answer}   ({answer.thoughts} thoughts, {answer.generated_tokens} tokens, "
-                 f"{answer.forward_passes} forward passes)")
+    lines.append(f"answer: {answer.answer}   ({_count(answer.thoughts, 'thought')}, {_count(answer.generated_tokens, 'token')}, "
+                 f"{_count(answer.forward_passes, 'forward pass')})")
     return "\n".join(lines)
 
 
@@ -151,7 +155,7 @@ def evaluate(args: argparse.Namespace) -> int:
             print(json.dumps(summary, indent=1))
             return 0
         thoughts = thinking.num_thoughts if args.num_thoughts is None else args.num_thoughts
-        print(f"model: {thinking.source} ({thinking.variant}, stage {thinking.stage}, {thoughts} thoughts per question)")
+        print(f"model: {thinking.source} ({thinking.variant}, stage {thinking.stage}, {_count(thoughts, 'thought')} per question)")
         print(f"data: {report.data}: {report.total} questions"
               + (f", {sample.num_samples} samples each (temperature {sample.temperature}, top-k {sample.top_k}, "
                  f"top-p {sample.top_p}, seed {sample.seed})" if sample is not None else ""))
@@ -173,7 +177,7 @@ def export(args: argparse.Namespace) -> int:
 
     thinking = load(args.checkpoint, config=args.config)
     out = export_model(thinking, args.out)
-    print(f"exported {thinking.source} ({thinking.variant}, {thinking.num_thoughts} thoughts) to {out}")
+    print(f"exported {thinking.source} ({thinking.variant}, {_count(thinking.num_thoughts, 'thought')}) to {out}")
     return 0
 
 
