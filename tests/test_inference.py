@@ -13,9 +13,6 @@ import torch
 
 from inference_helpers import predictions, questions, trained_run
 from noblankslate.cli import main
-from noblankslate.data.curriculum import prompt_view
-from noblankslate.data.tokenize import tokenize_examples
-from noblankslate.data.schema import load_examples
 from noblankslate.inference import InferenceError, load
 from noblankslate.inference.evaluation import SamplingOptions, evaluate_file
 from noblankslate.inference.sampling import majority_vote, mean_pass_at_k, pass_at_k

@@ -26,6 +26,7 @@ import yaml
 
 from noblankslate.config import METHOD_FLAGS, Config, ConfigError, config_from_dict, load_config
 from noblankslate.data.curriculum import CurriculumSpec, scheduled_stage
+from noblankslate.inference.model import ThinkingModel
 from noblankslate.model.checkpoint_files import (
     CHECKPOINT_NAME,
     COMPLETE_FILE,
@@ -35,7 +36,6 @@ from noblankslate.model.checkpoint_files import (
     latest_checkpoint,
     verify_checkpoint_files,
 )
-from noblankslate.inference.model import ThinkingModel
 from noblankslate.model.weights import MODEL_FILE
 
 if TYPE_CHECKING:

@@ -44,7 +44,7 @@ from noblankslate.model.checkpoint_files import (  # re-exported: the reading si
     STATE_FILE,
     CheckpointError,
     is_complete as _is_complete,
-    latest_checkpoint,
+    latest_checkpoint as latest_checkpoint,
     list_checkpoints,
     sha256_file as _sha256,
     verify_checkpoint_files,
