@@ -235,3 +235,23 @@ def test_nbs_eval_under_torchrun_scores_each_example_once_as_one_process(capsys,
     assert nbs(capsys, "eval", run_dir, "--data", tiny_data[1], "--predictions", tmp_path / "one.jsonl")[0] == 0
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert [r["idx"] for r in predictions(tmp_path / "two.jsonl")] == list(range(12))
+
+
+@pytest.mark.parametrize("method", [{"cot": True}, {"no_cot": True}, {"no_thoughts": True}, {"pause_token": True},
+                                    {"coconut": True, "pause_as_thought": True}],
+                         ids=["cot", "no_cot", "no_thoughts", "pause_token", "pause_as_thought"])
+def test_every_methods_checkpoint_reproduces_its_runs_evaluation(tmp_path, tiny_data, method):
+    from noblankslate.config import config_from_dict
+    from noblankslate.train.loop import train
+    from run_helpers import tiny_config
+
+    raw = {**tiny_config(tmp_path, tiny_data, num_epochs=2), "coconut": False, **method}
+    train(config_from_dict(raw), CPU)
+    run = tmp_path / "runs" / "tiny"
+    thinking = load(run)
+    report = evaluate_file(thinking, tiny_data[1], CPU)
+    assert [r["output"] for r in report.predictions] == [r["output"] for r in predictions(run / "predictions_epoch_2.jsonl")]
+    export = tmp_path / "export"
+    main(["export", str(run), str(export)])
+    assert [a.output for a in load(export).answer(questions(tiny_data[1]))] == [
+        a.output for a in thinking.answer(questions(tiny_data[1]))]
