@@ -223,20 +223,6 @@ def test_a_checkpoint_whose_config_names_no_known_method_is_refused(capsys, run_
     assert code == 2 and err.startswith(f"config error: {config}: no method chosen: set exactly one of coconut, cot")
 
 
-def test_nbs_eval_under_torchrun_scores_each_example_once_as_one_process(capsys, run_dir, tiny_data, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "noblankslate.cli", "eval", str(run_dir), "--data", str(tiny_data[1]),
-                    "--predictions", str(tmp_path / "two.jsonl")], env=env, check=True, capture_output=True)
-    assert nbs(capsys, "eval", run_dir, "--data", tiny_data[1], "--predictions", tmp_path / "one.jsonl")[0] == 0
-    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
-    assert [r["idx"] for r in predictions(tmp_path / "two.jsonl")] == list(range(12))
-
-
 @pytest.mark.parametrize("method", [{"cot": True}, {"no_cot": True}, {"no_thoughts": True}, {"pause_token": True},
                                     {"coconut": True, "pause_as_thought": True}],
                          ids=["cot", "no_cot", "no_thoughts", "pause_token", "pause_as_thought"])
