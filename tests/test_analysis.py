@@ -36,7 +36,7 @@ from noblankslate.data.curriculum import (
 from noblankslate.eval.evaluate import evaluate_generation
 from noblankslate.eval.setup import setup_run
 from noblankslate.model.coconut import Coconut
-from noblankslate.train.checkpoint import save_checkpoint
+from noblankslate.train.checkpoint import TrainState, save_checkpoint
 
 PEOPLE = ["Tom", "Sam", "Rex", "Eva", "Max", "Fae"]
 CONCEPTS = ["wumpus", "rempus", "gorpus", "zumpus", "lempus", "impus", "yumpus", "jompus"]
@@ -299,7 +299,7 @@ def test_parts_that_do_not_apply_are_skipped_and_the_others_run(setup, tmp_path)
 def test_nbs_analyze_on_a_saved_checkpoint(setup, run_config, tmp_path, capsys):
     config = replace(run_config, save_path=str(tmp_path / "runs"))
     save_checkpoint(config.run_dir, 3, model_state=setup.model.state_dict(), optimizer_state=None, rng_state=None,
-                    train_state={"epoch": 3, "stage": 3}, config=config, tokenizer=setup.tokenizer)
+                    train_state=TrainState(epoch=3, stage=3, global_step=0), config=config, tokenizer=setup.tokenizer)
     config_file = tmp_path / "config.yaml"
     config.save(config_file)
     out = tmp_path / "out"
@@ -324,7 +324,7 @@ def test_a_cot_checkpoint_gets_its_ordinary_evaluation_and_the_reasons_for_the_r
     config = replace(run_config, coconut=False, cot=True, save_path=str(tmp_path / "runs"))
     cot = setup_run(config)
     folder = save_checkpoint(config.run_dir, 1, model_state=cot.model.base_causallm.state_dict(), optimizer_state=None,
-                             rng_state=None, train_state={"epoch": 1, "stage": 0}, config=config, tokenizer=cot.tokenizer)
+                             rng_state=None, train_state=TrainState(epoch=1, stage=0, global_step=0), config=config, tokenizer=cot.tokenizer)
     report = analyze(config, folder, out=tmp_path / "out", limit=3, echo=lambda line: None)
     assert report["method"] == "cot" and report["ordinary"]["n"] == 3 and report["ordinary"]["T"] == 0
     assert set(report["skipped"]) == {"budget", "decoded", "search", "interventions"}

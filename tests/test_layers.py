@@ -9,8 +9,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "noblankslate"
-LAYER = {"config": 0, "errors": 0, "files": 0, "runtime": 0, "data": 1, "model": 2, "eval": 3, "memory": 4, "analysis": 4, "train": 5,
-         "experiment": 6, "demo": 6, "cli": 7}
+LAYER = {"config": 0, "errors": 0, "files": 0, "runtime": 0, "data": 1, "model": 2, "eval": 3, "memory": 4,
+         "train": 5, "experiment": 6, "demo": 6, "cli": 7,
+         # the thoughts' instruments and a trained model's users need evaluation, never the memory or training
+         "analysis": 4, "inference": 4}
 
 
 def _imports(path: Path) -> list[str]:

@@ -15,6 +15,7 @@ from noblankslate.cli import analyze as analyze_commands
 from noblankslate.cli import data as data_commands
 from noblankslate.cli import demo as demo_commands
 from noblankslate.cli import experiment as experiment_commands
+from noblankslate.cli import inference as inference_commands
 from noblankslate.cli import memory as memory_commands
 from noblankslate.cli import plot as plot_commands
 from noblankslate.cli import train as train_commands
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_commands.register(subparsers)
     experiment_commands.register(subparsers)
     analyze_commands.register(subparsers)
+    inference_commands.register(subparsers)
     return parser
 
 

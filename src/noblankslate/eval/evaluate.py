@@ -16,7 +16,7 @@ import torch
 
 from noblankslate.data.schema import Example
 from noblankslate.eval.answers import extract_answer, extract_cot, normalize_answer, reference_cot
-from noblankslate.model.coconut import Coconut
+from noblankslate.model.coconut import Coconut, Sampling
 from noblankslate.runtime import DistributedContext
 
 Features = dict[str, Any]
@@ -96,8 +96,9 @@ def evaluate_generation(
     lockstep: bool = False,
     controller=None,
     keep_thoughts: bool = False,
+    sampling: Sampling | None = None,
 ) -> GenerationEval:
-    """Greedy generation accuracy (answer after the last ``#``) and CoT exact match.
+    """Generation accuracy (answer after the last ``#``) and CoT exact match; greedy unless ``sampling``.
 
     Args:
         model: the unwrapped Coconut module (its ``generate`` is called directly).
@@ -108,6 +109,8 @@ def evaluate_generation(
         controller: a :class:`~noblankslate.model.coconut.ThoughtController` (the memory, an intervention);
             if it is also a :class:`BatchRecorder`, its per-row ``record`` is merged into each prediction.
         keep_thoughts: put each example's fed thoughts (n, D float32 numpy) in its record (``thoughts``).
+        sampling: draw the tokens (see :class:`~noblankslate.model.coconut.Sampling`); its generator
+            advances batch after batch, so a whole evaluation is reproducible from one seed.
     """
     by_idx = {example.idx: example for example in examples}
     batches, n_batches = _shard_batches(prompts, context, batch_size, sort_key=lambda f: len(f["input_ids"]))
@@ -126,7 +129,8 @@ def evaluate_generation(
         batch = collate(features)
         inputs = _to_device(batch, context.device)
         out = model.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
-                             sync_forward_passes=sync, controller=controller, return_thoughts=keep_thoughts)
+                             sync_forward_passes=sync, controller=controller, return_thoughts=keep_thoughts,
+                             sampling=sampling)
         if i >= len(batches):
             continue
         texts = tokenizer.batch_decode(out.sequences(), skip_special_tokens=True)

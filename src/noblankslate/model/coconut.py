@@ -9,7 +9,9 @@ KV cache of earlier positions reused. What changes is how it is computed:
 * the KV cache is one :class:`~transformers.DynamicCache` extended pass by pass, never rebuilt;
 * when only the loss is needed, the LM head runs only at labelled positions;
 * generation is batched (rows of any length and latent count) with the KV cache through the latent
-  passes and the decoding, instead of batch size 1 recomputing the whole prefix for every token.
+  passes and the decoding, instead of batch size 1 recomputing the whole prefix for every token;
+* besides the original's greedy decoding, tokens may be sampled (temperature, top-k, top-p) from a
+  seeded generator; the continuous thoughts stay deterministic either way.
 
 The wrapper owns no parameters of its own: its state_dict keys are ``base_causallm.*`` as in the
 original, so checkpoints move between the two (the original additionally stored a duplicate
@@ -65,6 +67,52 @@ class GenerationOutput:
     def sequences(self) -> list[list[int]]:
         """The generated tokens of each row as Python lists (eos excluded)."""
         return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How :meth:`Coconut.generate` draws tokens when it does not decode greedily.
+
+    Only the token decoding samples: the continuous thoughts are hidden states and stay deterministic.
+    Draws come from ``generator`` (a seeded ``torch.Generator`` on the model's device), so a call
+    repeated with the same inputs and a generator in the same state gives the same tokens. Several
+    samples of one question are drawn by repeating its row in the batch.
+
+    Attributes:
+        temperature: logits are divided by it (> 0; toward 0 the draw becomes the argmax).
+        top_k: keep only the ``top_k`` most likely tokens (0: all; tokens tied with the k-th are kept).
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
+            (nucleus sampling; 1.0: all). The most likely token is always kept.
+        generator: the random source; None draws from torch's global generator.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def draw(self, logits: Tensor) -> Tensor:
+        """One token per row from (B, V) logits; returns (B,) ids."""
+        scores = logits.float() / self.temperature  # (B, V)
+        if self.top_k > 0 and self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]  # (B, 1)
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(scores, dim=-1, descending=True)  # (B, V)
+            probs = ordered.softmax(dim=-1)
+            # drop a token when the tokens more likely than it already reach top_p (the first never is)
+            drop = probs.cumsum(dim=-1) - probs >= self.top_p  # (B, V)
+            scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        probs = scores.softmax(dim=-1)  # (B, V)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)  # (B,)
 
 
 class ThoughtController(Protocol):
@@ -398,9 +446,10 @@ class Coconut(nn.Module):
         sync_forward_passes: int | None = None,
         return_thoughts: bool = False,
         controller: ThoughtController | None = None,
+        sampling: Sampling | None = None,
         **kwargs,
     ) -> GenerationOutput:
-        """Greedy batched generation with continuous thoughts and a KV cache throughout.
+        """Batched generation with continuous thoughts and a KV cache throughout; greedy unless ``sampling``.
 
         Prompts may differ in length and in latent count and may be left or right padded; they are
         re-aligned so every row computes exactly what it would alone (real tokens keep positions
@@ -418,9 +467,12 @@ class Coconut(nn.Module):
             return_thoughts: also return the fed thoughts.
             controller: sees each thought before it is fed; may replace it and stop rows early
                 (see :class:`ThoughtController`). A row that stops early gives what it would alone.
+            sampling: draw each token (see :class:`Sampling`) instead of taking the argmax. The
+                thoughts and the greedy path are unchanged by it.
         """
-        if kwargs.get("do_sample"):
-            raise NotImplementedError("only greedy decoding is implemented")
+        if kwargs.get("do_sample") and sampling is None:
+            raise ValueError("pass sampling=Sampling(...) to sample; do_sample alone says nothing of how")
+        pick = (lambda logits: logits.argmax(dim=-1)) if sampling is None else sampling.draw
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if attention_mask is None:
@@ -442,7 +494,7 @@ class Coconut(nn.Module):
         lengths_after_thoughts = prompts.lengths - skipped  # (B,) the row's prompt length as if alone
         forward_passes = passed.used + 1  # as alone: the prefix, then one pass per thought (the last with the rest)
         last_hidden = passed.hidden[torch.arange(batch, device=device), prompts.last_column]  # (B, D)
-        next_tokens = self.lm_head(last_hidden).argmax(dim=-1)  # (B,)
+        next_tokens = pick(self.lm_head(last_hidden))  # (B,)
 
         tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -459,7 +511,7 @@ class Coconut(nn.Module):
             step_positions = (lengths_after_thoughts + step)[:, None]  # (B, 1)
             step_hidden = self._backbone(step_embeds, mask[:, : width + step + 1], step_positions, cache)
             forwards_run += 1
-            next_tokens = self.lm_head(step_hidden[:, -1]).argmax(dim=-1)
+            next_tokens = pick(self.lm_head(step_hidden[:, -1]))
 
         if sync_forward_passes is not None:
             self._pad_forwards(sync_forward_passes - forwards_run, device)

@@ -20,7 +20,6 @@ removed by the next save. Only one process (rank 0) may save into a run folder.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -39,28 +38,28 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from noblankslate.config import Config
-from noblankslate.errors import NbsError
+from noblankslate.model.checkpoint_files import (  # re-exported: the reading side lives below train/
+    CHECKPOINT_NAME as _CHECKPOINT_NAME,
+    COMPLETE_FILE,
+    CONFIG_FILE,
+    STATE_FILE,
+    CheckpointError,
+    is_complete as _is_complete,
+    latest_checkpoint as latest_checkpoint,
+    list_checkpoints,
+    sha256_file as _sha256,
+    verify_checkpoint_files,
+)
 from noblankslate.model.weights import MODEL_FILE, WeightsError, read_state_dict, save_state_dict
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
-STATE_FILE = "state.json"
-CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
-COMPLETE_FILE = "COMPLETE"
 FORMAT_VERSION = 1
 
-_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)(?:_step_(\d+))?")
-"""``checkpoint_{E}``: after epoch E; ``checkpoint_{E}_step_{k}``: E epochs and k steps of the next one."""
 _LEFTOVER_NAME = re.compile(r"\.(checkpoint_\d+(?:_step_\d+)?)\.(tmp|old)-.+")
-
-
-class CheckpointError(NbsError, RuntimeError):
-    """A checkpoint is missing, incomplete or damaged; the message names the folder or file."""
-
-    label = "checkpoint error"
 
 
 @dataclass(frozen=True)
@@ -211,20 +210,8 @@ def _file_sizes(root: Path) -> dict[str, int]:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_digests(root: Path, names: list[str]) -> dict[str, str]:
     return {name: _sha256(root / name) for name in names}
-
-
-def _is_complete(folder: Path) -> bool:
-    return folder.is_dir() and (folder / COMPLETE_FILE).is_file()
 
 
 def _clean_leftovers(run_dir: Path) -> None:
@@ -359,31 +346,6 @@ def check_run_folder(run_dir: str | Path) -> None:
                                   f"{run_dir} (a checkpoint of that epoch would replace it)")
 
 
-def list_checkpoints(run_dir: str | Path, with_steps: bool = False) -> list[tuple]:
-    """Complete checkpoints of a run, oldest first (numeric: 9 before 10; ``checkpoint_2_step_5`` after
-    ``checkpoint_2``). Items are (epoch, path), or ((epoch, step_in_epoch), path) with ``with_steps``;
-    without it, mid-epoch checkpoints are left out."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for path in run_dir.iterdir():
-        match = _CHECKPOINT_NAME.fullmatch(path.name)
-        if match is not None and _is_complete(path):
-            index = (int(match.group(1)), int(match.group(2) or 0))
-            if with_steps:
-                found.append((index, path))
-            elif index[1] == 0:
-                found.append((index[0], path))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The highest-epoch complete checkpoint of a run, or None (temporary and incomplete folders are skipped)."""
-    checkpoints = list_checkpoints(run_dir, with_steps=True)
-    return checkpoints[-1][1] if checkpoints else None
-
-
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -399,32 +361,8 @@ def load_checkpoint(path: str | Path) -> CheckpointData:
             of the wrong size (truncated) or unreadable.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
     match = _CHECKPOINT_NAME.fullmatch(path.name)
-    marker = path / COMPLETE_FILE
-    if not marker.is_file():
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE_FILE} marker; the save was interrupted?)")
-    try:
-        complete = json.loads(marker.read_text(encoding="utf-8"))
-        sizes = complete["files"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{marker}: damaged marker file: {error}") from None
-    for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE):
-        if name not in sizes:
-            raise CheckpointError(f"{path}: checkpoint lists no {name}")
-    for name, size in sizes.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing from the checkpoint")
-        if file.stat().st_size != size:
-            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, {size} when saved (truncated or damaged)")
-    # Same size is not same content: a flipped byte must not load silently (markers of older
-    # checkpoints have no digests; those are checked by size only).
-    for name, digest in (complete.get("sha256") or {}).items():
-        if _sha256(path / name) != digest:
-            raise CheckpointError(f"{path / name}: its SHA-256 differs from the one recorded when it was saved "
-                                  "(the file was changed or damaged); resume from an earlier checkpoint")
+    sizes = verify_checkpoint_files(path)["files"]
 
     try:
         model_state = read_state_dict(path / MODEL_FILE)
