@@ -296,6 +296,7 @@ def test_parts_that_do_not_apply_are_skipped_and_the_others_run(setup, tmp_path)
     assert table[2].startswith("| coconut |") and table[4].startswith("| cot |") and "| - |" in table[4]
 
 
+@pytest.mark.slow
 def test_nbs_analyze_on_a_saved_checkpoint(setup, run_config, tmp_path, capsys):
     config = replace(run_config, save_path=str(tmp_path / "runs"))
     save_checkpoint(config.run_dir, 3, model_state=setup.model.state_dict(), optimizer_state=None, rng_state=None,

@@ -30,6 +30,7 @@ def _epochs(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r["event"] == "epoch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, parallel):
     config = ProsQAConfig.small(concepts=(3, 4), distance=(2, 2))

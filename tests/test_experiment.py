@@ -82,6 +82,7 @@ def tiny_experiment(tmp_path_factory):
     return path, out, outputs, messages
 
 
+@pytest.mark.slow
 def test_every_row_runs_and_the_table_has_one_row_per_method(tiny_experiment):
     _, out, outputs, messages = tiny_experiment
     table = json.loads((out / "table.json").read_text())
@@ -111,6 +112,7 @@ def test_every_row_runs_and_the_table_has_one_row_per_method(tiny_experiment):
     assert sum("started" in m for m in messages) == len(ROWS)
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_rows_and_resumes_unfinished_ones(tiny_experiment):
     path, out, _, _ = tiny_experiment
     before = json.loads((out / "results" / "cot_seed0.json").read_text())

@@ -249,9 +249,9 @@ def test_a_lora_checkpoint_names_its_settings_when_it_cannot_be_merged(tmp_path,
         setup_run(config_from_dict({**raw, "lora": {"enabled": False}, "only_eval": True, "load_model_path": str(bare)}))
 
 
+@pytest.mark.slow
 @needs_peft
-@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.skipif(
-    not os.environ.get("NBS_SLOW_TESTS"), reason="FSDP with LoRA: set NBS_SLOW_TESTS=1 (15 s more)"))])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_lora_on_two_processes_matches_one(tmp_path, tiny_data, parallel):
     """torchrun with two CPU processes (gloo) against one process with the same global batch."""
     raw = _lora_raw(tmp_path, tiny_data, parallel=parallel, lora={"enabled": True, "rank": 2})

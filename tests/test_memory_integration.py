@@ -267,6 +267,7 @@ def test_memory_build_command_and_the_shared_setup(tmp_path, tiny_data, capsys):
     assert "nudge_heads.safetensors does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_memory_sweep_tunes_on_training_data_and_reports_controls_on_validation(tmp_path, tiny_data):
     import subprocess
     import sys

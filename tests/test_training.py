@@ -32,6 +32,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_data):
     """SIGKILL a real run as soon as its first checkpoint appears; started again it must reach exactly
     the weights of a run that was never interrupted (dropout on, so RNG state must be restored too)."""
@@ -309,6 +310,7 @@ def test_save_every_steps_writes_mid_epoch_checkpoints(tmp_path, tiny_data):
     assert [p.name for p in sorted((tmp_path / "runs" / "tiny").glob("checkpoint_*"))] == ["checkpoint_1"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_command_stops_with_one_line_and_exit_130(tmp_path, tiny_data):
     raw = tiny_config(tmp_path, tiny_data, num_epochs=60)
     config_path = tmp_path / "long.yaml"
