@@ -33,7 +33,7 @@ from noblankslate.train.track import read_metrics
 class DemoData:
     """The demo task: small ProsQA-style graphs (see docs/demo.md for why these sizes)."""
 
-    train_examples: int = 20000
+    train_examples: int = 12000
     valid_examples: int = 300
     concepts: tuple[int, int] = (3, 5)
     distance: tuple[int, int] = (2, 2)
