@@ -203,10 +203,16 @@ class Coconut(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.base_causallm.get_output_embeddings()
 
-    def _backbone(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache | None) -> Tensor:
-        """One forward of the transformer body; returns the last (final-norm) hidden states (B, T, D)."""
+    def _backbone(
+        self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache | None,
+        compiled: bool = False,
+    ) -> Tensor:
+        """One forward of the transformer body; returns the last (final-norm) hidden states (B, T, D).
+
+        ``compiled`` runs it through ``torch.compile`` of the body (see :meth:`generate`)."""
         kwargs = {self._cache_keyword: cache} if cache is not None else {}
-        out = self.base_causallm.base_model(
+        body = self._compiled_body() if compiled else self.base_causallm.base_model
+        out = body(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -214,6 +220,16 @@ class Coconut(nn.Module):
             **kwargs,
         )
         return out.last_hidden_state
+
+    def _compiled_body(self) -> nn.Module:
+        """The body under ``torch.compile`` with dynamic shapes (one graph serves every cache length), built
+        on first use and kept outside the module tree so that it adds nothing to the state_dict."""
+        body = self.base_causallm.base_model
+        held = self.__dict__.get("_compiled")
+        if held is None or held[0] is not body:
+            held = (body, torch.compile(body, dynamic=True))
+            self.__dict__["_compiled"] = held
+        return held[1]
 
     def _latent_passes(
         self,
@@ -449,6 +465,7 @@ class Coconut(nn.Module):
         controller: ThoughtController | None = None,
         sampling: Sampling | None = None,
         preallocate: bool = True,
+        compile: bool = False,
         **kwargs,
     ) -> GenerationOutput:
         """Batched generation with continuous thoughts and a KV cache throughout; greedy unless ``sampling``.
@@ -474,6 +491,10 @@ class Coconut(nn.Module):
             preallocate: decode into a KV cache sized once for the prompt plus ``max_new_tokens`` and written
                 in place (the default), instead of one that grows by concatenation at every token (False: the
                 previous behaviour, kept for the benchmark). The tokens are the same either way.
+            compile: run the one-token decoding steps through ``torch.compile`` of the transformer body (off
+                by default). The first call compiles for a minute or more, so it pays only over many calls
+                (an evaluation), and fused kernels may round differently from eager ones, so tokens are not
+                guaranteed bitwise equal to the eager path's.
         """
         if kwargs.get("do_sample") and sampling is None:
             raise ValueError("pass sampling=Sampling(...) to sample; do_sample alone says nothing of how")
@@ -516,7 +537,7 @@ class Coconut(nn.Module):
             forward_passes += (~finished).long()
             step_embeds = self.embedding(next_tokens)[:, None]  # (B, 1, D)
             step_positions = (lengths_after_thoughts + step)[:, None]  # (B, 1)
-            step_hidden = self._backbone(step_embeds, mask[:, : width + step + 1], step_positions, cache)
+            step_hidden = self._backbone(step_embeds, mask[:, : width + step + 1], step_positions, cache, compile)
             forwards_run += 1
             next_tokens = pick(self.lm_head(step_hidden[:, -1]))
 
