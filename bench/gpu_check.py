@@ -19,15 +19,18 @@ records its result or its error, so one failure does not hide the others:
    on generated data (nccl on a GPU, gloo on a CPU): exit status and the run's last loss.
 5. ``lora_llama``: LoRA (peft) on a small Llama config built from scratch: AdamW steps under bf16
    autocast, only adapters and latent-token rows train, the frozen weights stay as they were.
-6. ``decode``: ``bench/bench_decode.py`` (``Coconut.generate`` against Hugging Face ``generate()``, and
-   ``torch.compile`` of the decoding steps).
-7. ``bench_coconut``: ``bench/bench_coconut.py --device ... --quick`` (its printed tables are kept).
-8. ``gpt2_small_steps``: steps per second of a GPT-2-small-shape Coconut (from scratch, 12 x 768) on
+6. ``decode``: ``bench/bench_decode.py`` (``Coconut.generate`` against Hugging Face ``generate()`` of the
+   same plain LM).
+7. ``gpt2_small_steps``: steps per second of a GPT-2-small-shape Coconut (from scratch, 12 x 768) on
    generated ProsQA at the paper's batch 32, at stage 0 and at the final stage, and the epoch time they
    imply for 17,886 examples.
-9. ``prosqa_epochs``: a real ``nbs train`` run of that model on ``nbs data prosqa`` output (a subset sized
+8. ``prosqa_epochs``: a real ``nbs train`` run of that model on ``nbs data prosqa`` output (a subset sized
    to the time box) for 2 epochs (stage 0, then stage 1); each epoch's seconds, loss and accuracy.
-10. ``table1_balanced`` (only with ``--table1``): ``nbs experiment`` on the balanced task.
+9. ``decode_compiled``: ``decode`` with ``torch.compile`` of the decoding steps (compiling takes a while).
+10. ``bench_coconut``: ``bench/bench_coconut.py --device ... --quick`` (its printed tables are kept).
+11. ``table1_balanced`` (only with ``--table1``): ``nbs experiment`` on the balanced task.
+
+The checks run in this order, the most important first, so a spent budget drops the last ones.
 """
 
 from __future__ import annotations
@@ -234,10 +237,11 @@ def check_lora(device: str, folder: Path, quick: bool) -> dict:
             "ok": unchanged and all(loss == loss for loss in losses) and any("lora_" in n for n in trainable)}
 
 
-def check_decode(device: str, folder: Path, quick: bool, timeout: float) -> dict:
+def check_decode(device: str, folder: Path, quick: bool, timeout: float, compile: bool = False) -> dict:
     out = folder / "decode.json"
     command = [sys.executable, str(ROOT / "bench" / "bench_decode.py"), "--device", device, "--json", str(out)]
-    command += ["--quick"] if quick else ["--repeats", "3", "--compile"]
+    command += ["--quick"] if quick else ["--repeats", "3"]
+    command += ["--compile"] if compile else []
     result = _run(command, timeout)
     if out.is_file():
         result["report"] = json.loads(out.read_text())
@@ -383,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         ("decode", 150, lambda t, place: check_decode(device, place, quick, t)),
         ("gpt2_small_steps", 90, lambda t, place: check_gpt2_small(device, place, 2 if quick else args.steps, quick)),
         ("prosqa_epochs", 240, lambda t, place: check_prosqa_epochs(device, place, quick, prosqa_examples, t)),
+        ("decode_compiled", 150, lambda t, place: check_decode(device, place, quick, t, compile=True)),
         ("bench_coconut", 150, lambda t, place: _run([sys.executable, str(ROOT / "bench" / "bench_coconut.py"), "--device",
                                                 device, "--quick", *([] if device == "cuda" else ["--skip", "train"])], t)),
     ]
