@@ -9,7 +9,8 @@ KV cache of earlier positions reused. What changes is how it is computed:
 * the KV cache is one :class:`~transformers.DynamicCache` extended pass by pass, never rebuilt;
 * when only the loss is needed, the LM head runs only at labelled positions;
 * generation is batched (rows of any length and latent count) with the KV cache through the latent
-  passes and the decoding, instead of batch size 1 recomputing the whole prefix for every token;
+  passes and the decoding, instead of batch size 1 recomputing the whole prefix for every token; the
+  decoding cache is preallocated for all the new tokens and written in place, not concatenated per token;
 * besides the original's greedy decoding, tokens may be sampled (temperature, top-k, top-p) from a
   seeded generator; the continuous thoughts stay deterministic either way.
 
@@ -591,7 +592,7 @@ class _PreallocatedLayer(DynamicLayer):
         self._key_buffer[..., :length, :].copy_(keys)
         self._value_buffer[..., :length, :].copy_(values)
         self.keys, self.values = self._key_buffer[..., :length, :], self._value_buffer[..., :length, :]
-        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+        self.device, self.is_initialized = keys.device, True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         length, new = self.keys.shape[-2], key_states.shape[-2]
