@@ -33,13 +33,23 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import transformers
+from bench_coconut import (
+    END,
+    EOS,
+    GPT2_VOCAB,
+    LATENT,
+    START,
+    VOCAB,
+    Shape,
+    Timer,
+    collate,
+    make_rows,
+)
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from bench_coconut import END, EOS, GPT2_VOCAB, LATENT, START, VOCAB, Shape, Timer, collate, make_rows
 from noblankslate.model.coconut import Coconut
 
 
@@ -84,7 +94,7 @@ def coconut_eos(model: Coconut, ids, mask, n: int) -> int:
 
 def cpu_name() -> str:
     try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+        for line in subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout.splitlines():
             if line.startswith("Model name"):
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import signal
@@ -169,7 +170,7 @@ def _train(folder: Path, config: dict, timeout: float, torchrun: bool) -> dict:
     result = _run([*launcher, "train", str(path)], timeout)
     result["epochs"] = _epochs(Path(config["save_path"]) / config["name"] / "metrics.jsonl")
     losses = [e["train_loss"] for e in result["epochs"] if e["train_loss"] is not None]
-    result["ok"] = result.get("returncode") == 0 and bool(losses) and all(loss == loss for loss in losses)
+    result["ok"] = result.get("returncode") == 0 and bool(losses) and all(math.isfinite(loss) for loss in losses)
     return result
 
 
@@ -198,7 +199,8 @@ def check_bf16_weights(device: str, folder: Path, timeout: float) -> dict:
         from safetensors import safe_open
 
         with safe_open(str(weights / stored[-1]), framework="pt") as handle:
-            result["checkpoint_dtypes"] = sorted({str(handle.get_slice(k).get_dtype()) for k in handle.keys()})
+            names = handle.keys()
+            result["checkpoint_dtypes"] = sorted({str(handle.get_slice(name).get_dtype()) for name in names})
         result["ok"] = result["ok"] and result["checkpoint_dtypes"] == ["BF16"]
     return result
 
@@ -234,7 +236,7 @@ def check_lora(device: str, folder: Path, quick: bool) -> dict:
     return {"shape": f"llama {layers}x{width}", "trainable_parameters": sum(p.numel() for p in trainable.values()),
             "parameters": sum(p.numel() for p in model.parameters()), "losses": losses,
             "frozen_weights_unchanged": unchanged, "adapters": sum("lora_" in n for n in trainable),
-            "ok": unchanged and all(loss == loss for loss in losses) and any("lora_" in n for n in trainable)}
+            "ok": unchanged and all(math.isfinite(loss) for loss in losses) and any("lora_" in n for n in trainable)}
 
 
 def check_decode(device: str, folder: Path, quick: bool, timeout: float, compile: bool = False) -> dict:

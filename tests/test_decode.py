@@ -6,11 +6,17 @@ import random
 
 import pytest
 import torch
+from model_helpers import MODEL_FACTORIES, wrap
+from test_generate import ROWS, pad, prompt
 from transformers import DynamicCache
 
-from model_helpers import MODEL_FACTORIES, wrap
-from noblankslate.model.coconut import Sampling, _cache_keyword, _greedy, _PreallocatedLayer, _preallocate
-from test_generate import ROWS, pad, prompt
+from noblankslate.model.coconut import (
+    Sampling,
+    _cache_keyword,
+    _greedy,
+    _preallocate,
+    _PreallocatedLayer,
+)
 
 
 @pytest.mark.parametrize("arch", list(MODEL_FACTORIES))
@@ -59,3 +65,35 @@ def test_greedy_takes_the_first_maximal_logit_like_argmax():
     assert _greedy(logits).tolist() == logits.argmax(dim=-1).tolist() == [1, 0, 2]
     wide = torch.randn(16, 5000, generator=torch.Generator().manual_seed(0))
     assert torch.equal(_greedy(wide), wide.argmax(dim=-1))
+
+
+def test_checking_for_the_end_less_often_changes_no_output():
+    """Steps run after every row has finished (up to stop_check_every - 1 of them) leave every output as it was."""
+    model = wrap(MODEL_FACTORIES["gpt2"]())
+    rng = random.Random(1)
+    rows = [prompt(rng, q, n) for q, n in ROWS]
+    free = model.generate(*pad(rows, "right"), max_new_tokens=10).sequences()
+    # an eos that several rows first produce at different steps (not the first); those rows make the batch
+    first = {t: {b: row.index(t) for b, row in enumerate(free) if t in row and 1 <= row.index(t) < 9}
+             for t in {t for row in free for t in row}}
+    eos = max(first, key=lambda t: len(set(first[t].values())))
+    assert len(set(first[eos].values())) >= 2, "rows should stop at different steps"
+    model.eos_token_id = eos
+    ids, mask = pad([rows[b] for b in first[eos]], "right")
+    calls = []
+    model.base_causallm.base_model.register_forward_hook(lambda *args: calls.append(1))
+    runs = {}
+    for every in (1, 4, 7):
+        calls.clear()
+        runs[every] = (model.generate(ids, mask, max_new_tokens=10, stop_check_every=every), len(calls))
+    reference, forwards = runs[1]
+    assert reference.lengths.tolist() == list(first[eos].values())  # each row stopped right before its eos
+    for every, (out, count) in runs.items():
+        assert torch.equal(out.tokens, reference.tokens) and torch.equal(out.lengths, reference.lengths)
+        assert torch.equal(out.forward_passes, reference.forward_passes)
+        assert forwards <= count < forwards + every
+    assert runs[7][1] > forwards  # the check really came later
+    synced = model.generate(ids, mask, max_new_tokens=10, sync_forward_passes=6 + 10, stop_check_every=4)
+    assert torch.equal(synced.tokens, reference.tokens)
+    with pytest.raises(ValueError, match="stop_check_every"):
+        model.generate(ids, mask, stop_check_every=-1)

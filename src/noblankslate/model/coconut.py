@@ -467,6 +467,7 @@ class Coconut(nn.Module):
         sampling: Sampling | None = None,
         preallocate: bool = True,
         compile: bool = False,
+        stop_check_every: int | None = None,
         **kwargs,
     ) -> GenerationOutput:
         """Batched generation with continuous thoughts and a KV cache throughout; greedy unless ``sampling``.
@@ -496,12 +497,20 @@ class Coconut(nn.Module):
                 by default). The first call compiles for a minute or more, so it pays only over many calls
                 (an evaluation), and fused kernels may round differently from eager ones, so tokens are not
                 guaranteed bitwise equal to the eager path's.
+            stop_check_every: ask whether every row has finished only every this many tokens (None: every
+                token on a CPU, every 8 on an accelerator, where each ask makes the host wait for the
+                device instead of queueing the next step). A finished batch then runs at most this many
+                minus one further steps, which change no output: finished rows keep their tokens, lengths
+                and pass counts.
         """
         if kwargs.get("do_sample") and sampling is None:
             raise ValueError("pass sampling=Sampling(...) to sample; do_sample alone says nothing of how")
         pick = _greedy if sampling is None else sampling.draw
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        every = stop_check_every if stop_check_every is not None else (1 if input_ids.device.type == "cpu" else 8)
+        if every < 1:
+            raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pad_id = self.eos_token_id
@@ -533,7 +542,7 @@ class Coconut(nn.Module):
             finished |= next_tokens == self.eos_token_id
             tokens[:, step] = torch.where(finished, pad_id, next_tokens)
             lengths += (~finished).long()
-            if step + 1 == max_new_tokens or bool(finished.all()):
+            if step + 1 == max_new_tokens or (step % every == every - 1 and bool(finished.all())):
                 break
             forward_passes += (~finished).long()
             step_embeds = self.embedding(next_tokens)[:, None]  # (B, 1, D)
@@ -610,7 +619,8 @@ def _preallocate(cache: DynamicCache, extra: int) -> Cache:
     :class:`_PreallocatedLayer`); a cache of other layer kinds (sliding windows) is returned as it is."""
     if any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
         return cache
-    return Cache(layers=[_PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + extra) for layer in cache.layers])
+    return Cache(layers=[_PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + extra)
+                         for layer in cache.layers])
 
 
 def _select_rows(cache: DynamicCache, keep: Tensor, config) -> DynamicCache:
