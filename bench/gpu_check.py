@@ -132,7 +132,7 @@ def check_bf16(device: str) -> dict:
             loss = model(ids, mask, labels=labels, return_logits=False).loss
         loss.backward()
         grad = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
-        out[name] = {"loss": float(loss), "grad_norm": float(grad)}
+        out[name] = {"loss": float(loss.detach()), "grad_norm": float(grad)}
     out["loss_relative_difference"] = abs(out["bf16"]["loss"] - out["fp32"]["loss"]) / abs(out["fp32"]["loss"])
     out["grad_norm_relative_difference"] = abs(out["bf16"]["grad_norm"] - out["fp32"]["grad_norm"]) / out["fp32"]["grad_norm"]
     out["ok"] = out["loss_relative_difference"] < 0.02 and out["grad_norm_relative_difference"] < 0.1
