@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,6 +188,19 @@ def test_the_gate_learns_is_saved_and_resumes_bit_exact(tmp_path, tiny_data, mon
     # ...and the option changes training (the memory is read): not the run without it
     off = train(config_from_dict(run_config(tmp_path, tiny_data, "plain")), CPU)
     assert off[1].train_loss != straight[1].train_loss
+    # the comparison tool reproduces the run's own paired numbers (same memory, same gate) and pairs the runs
+    out = tmp_path / "compare.json"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "memory_training_compare.py"
+    done = subprocess.run([sys.executable, str(tool), str(run_dir), str(tmp_path / "runs" / "plain"), "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    own = rows["trained with memory: with vs without its memory"]
+    assert own["n"] == 12 and own["first_correct"] == round(12 * metrics["accuracy"]["with_nudge_only"])
+    assert own["second_correct"] == round(12 * metrics["accuracy"]["without_retrieval"])
+    assert own == metrics["paired"]["nudge_only_vs_off"]
+    plain = rows["without memory: trained with vs trained without"]
+    assert plain["second_correct"] == off[-1].evaluation.correct and len(rows) == 5
 
 
 @pytest.mark.parametrize("overrides, message", [

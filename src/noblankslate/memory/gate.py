@@ -23,12 +23,15 @@ the row's own example excluded from its neighbours and without the exit).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from noblankslate.config import NudgeConfig, RetrievalConfig
 from noblankslate.memory.controller import MemoryController, MemoryParts
+from noblankslate.model.weights import read_state_dict
 
 GATE_STATE = "memory_gate"
 """The gate's name in a checkpoint (``memory_gate.safetensors``)."""
@@ -90,11 +93,13 @@ class GatedMemoryController(MemoryController):
         """Set the next batch's example ids (B,) to exclude from their own neighbours, and its kept rows."""
         self.exclude_examples = examples
         self.keep = keep
+        self.record = None  # a batch whose rows have no thoughts makes no record
         return self
 
     def _retrieve(self, anchors: Tensor) -> None:
         super()._retrieve(anchors)
         self._gate_sum = np.zeros(anchors.shape[0])
+        self.record.alpha = np.zeros(anchors.shape[0])  # the mean gate of each row's nudged steps, set below
 
     def _nudged(self, step: int, thought: Tensor, rows: Tensor) -> Tensor:
         """h~ = h + g * (v - h) on the rows with a target at this step (and kept); the others unchanged."""
@@ -113,3 +118,16 @@ class GatedMemoryController(MemoryController):
         self.record.nudges += active_np
         self.record.alpha = self._gate_sum / np.maximum(self.record.nudges, 1)  # the mean gate of the nudged steps
         return torch.where(active[:, None], moved, thought)
+
+
+def saved_gate(checkpoint: str | Path) -> MemoryGate | None:
+    """The gate saved with a checkpoint of a run trained with ``training.memory_in_training`` (None if the
+    checkpoint has none), for the entry points that evaluate without the trainer."""
+    path = Path(checkpoint) / f"{GATE_STATE}.safetensors"
+    if not path.is_file():
+        return None
+    state = read_state_dict(path)
+    hidden = (state["weight"].shape[0] - 1) // 2
+    gate = MemoryGate(hidden, state["amplitude"].shape[0])
+    gate.load_state_dict(state)
+    return gate
