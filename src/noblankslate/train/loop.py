@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -301,12 +302,13 @@ class Trainer:
             return None
         return self.context.all_reduce_max(_latent_count(batch, self.setup.latent_ids.latent_id))
 
-    def _forward_sum(self, batch: dict[str, torch.Tensor], controller: GatedMemoryController | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM loss summed over labelled tokens, and the contrastive loss (mean over rows) if on."""
+    def _forward_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM loss summed over labelled tokens, and the contrastive loss (mean over rows) if on.
+
+        ``batch`` holds the collated tensors and the forward's ``controller`` (the training memory, or None).
+        """
         with autocast(self.config, self.context, self.parallel.kind):
-            out = self.parallel.wrapped(**batch, return_logits=False, reduction="sum", latent_passes=self._latent_passes(batch),
-                                        controller=controller)
+            out = self.parallel.wrapped(**batch, return_logits=False, reduction="sum", latent_passes=self._latent_passes(batch))
             contrastive = self._contrastive(out.inputs_embeds, batch["input_ids"]) if self.heads is not None else None
         return out.loss, contrastive
 
@@ -393,7 +395,7 @@ class Trainer:
             for j, batch in enumerate(batches):
                 controller = self._batch_controller(examples[j], len(batch["input_ids"]), j)
                 with self.parallel.gradient_sync(j == len(batches) - 1):
-                    loss_sum, contrastive = self._forward_sum(batch, controller)
+                    loss_sum, contrastive = self._forward_sum({**batch, "controller": controller})
                     # DDP/FSDP average gradients over ranks; scaling by world_size / global tokens makes the
                     # result the gradient of the token-mean loss of the whole global batch.
                     loss = loss_sum * (self.context.world_size / max(tokens, 1.0))
