@@ -214,3 +214,42 @@ def test_the_gate_learns_is_saved_and_resumes_bit_exact(tmp_path, tiny_data, mon
 def test_the_option_is_checked_with_the_key_named(tmp_path, tiny_data, overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(tiny_config(tmp_path, tiny_data, **overrides))
+
+
+def test_two_processes_train_the_gate_as_one(tmp_path):
+    """DDP (gloo, torchrun): the gate sits outside the wrapper, so its gradients are averaged explicitly; with
+    no dropout, two ranks of 4 rows train model and gate as one process with batches of 8."""
+    import os
+
+    import yaml
+
+    from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
+
+    tasks = ProsQAConfig.small(concepts=(3, 4), distance=(2, 2))
+    (tmp_path / "train.json").write_text(json.dumps(generate_prosqa(48, seed=0, config=tasks)))
+    (tmp_path / "valid.json").write_text(json.dumps(generate_prosqa(13, seed=1, config=tasks)))
+    raw = {
+        "save_path": str(tmp_path / "runs"), "coconut": True, "c_thought": 1, "epochs_per_stage": 1,
+        "max_latent_stage": 2, "pad_latent_to_max": True, "train_path": str(tmp_path / "train.json"),
+        "val_path": str(tmp_path / "valid.json"), "num_epochs": 3, "lr": 1e-3, "max_new_tokens": 6,
+        "parallel": "ddp", "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
+        "retrieval": {"enabled": True, "correct_only": False, "sim_threshold": -1.0, "key_dim": 8},
+        "training": {"memory_in_training": True, "memory_dropout": 0.0},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, command in (("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+                          ("one", [sys.executable])):
+        done = subprocess.run([*command, str(root / "run.py"), str(path), f"name={name}",
+                               f"batch_size_training={4 if name == 'two' else 8}", f"index.path={tmp_path / name / 'index.bin'}"],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    steps = {name: [r for r in read_metrics(tmp_path / "runs" / name) if r["event"] == "step"] for name in ("one", "two")}
+    assert [r["train_loss"] for r in steps["two"]] == pytest.approx([r["train_loss"] for r in steps["one"]], rel=1e-5)
+    assert all(r["memory_rows"] == 1.0 for r in steps["one"] if r["stage"] > 0)
+    gates = {name: load_checkpoint(tmp_path / "runs" / name / "checkpoint_3").extra_states[GATE_STATE] for name in ("one", "two")}
+    assert (gates["one"]["amplitude"] != 0).all()
+    for key in gates["one"]:
+        torch.testing.assert_close(gates["two"][key], gates["one"][key], rtol=1e-4, atol=1e-6)

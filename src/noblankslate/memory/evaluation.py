@@ -48,7 +48,9 @@ def exit_calibration(model: Coconut, setup: RunSetup, parts: MemoryParts, stage:
     spec = setup.spec
     prompts = prompt_view(setup.val_tokens, stage, spec)
     full = generate(prompts, keep_thoughts=True).predictions  # every thought, memory off
-    most = max((len(r["thoughts"]) for r in full), default=0)
+    # From the prompts, which every rank has (the predictions are gathered on the main rank only): every rank
+    # must make the same generate calls, or their collectives deadlock.
+    most = max((f["input_ids"].count(spec.latent_id) for f in prompts), default=0)
     right_after = {j: {r["idx"]: r["correct"] for r in generate([with_thoughts(f, j, spec.latent_id) for f in prompts]).predictions}
                    for j in range(1, most)}
     scores, events = [], []
