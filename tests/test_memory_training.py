@@ -201,6 +201,11 @@ def test_the_gate_learns_is_saved_and_resumes_bit_exact(tmp_path, tiny_data, mon
     assert own == metrics["paired"]["nudge_only_vs_off"]
     plain = rows["without memory: trained with vs trained without"]
     assert plain["second_correct"] == off[-1].evaluation.correct and len(rows) == 5
+    # an evaluation-only run of the checkpoint loads its gate and evaluates as the training run did
+    evaluated = train(config_from_dict({**raw, "name": "evaluated", "only_eval": True, "resume": 2,
+                                        "load_model_path": str(run_dir / "checkpoint_3")}), CPU)
+    again = json.loads(json.dumps(evaluated[0].retrieval))
+    assert again["paired"] == metrics["paired"] and again["nudge"] == metrics["nudge"] and again["nudge"]["mean_alpha"] != 0
 
 
 @pytest.mark.parametrize("overrides, message", [
