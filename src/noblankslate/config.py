@@ -208,7 +208,8 @@ class NudgeConfig:
 
 @dataclass
 class TrainingConfig:
-    """Training-side adaptation of the key projection (``training`` section)."""
+    """What the memory changes in training (``training`` section): the contrastive key head, and the
+    memory read during training through a learned gate."""
 
     nudge_contrastive: bool = False
     """Add an InfoNCE loss between an example's projected anchor and its projected trajectory."""
@@ -218,8 +219,17 @@ class TrainingConfig:
     nudge_buffer_batch: int = 256
     """Negatives drawn from the buffer per step."""
     contrastive_temperature: float = 0.1
+    memory_in_training: bool = False
+    """At latent stages the training forward reads the memory built by the previous epoch's model (never
+    the row's own example) and a learned gate mixes each thought with its retrieved target; evaluation
+    with the memory uses the same gate (docs/memory.md). Needs coconut and ``retrieval.enabled``."""
+    memory_dropout: float = 0.5
+    """Share of training rows, drawn per row and step with the run's seeded generator, that get no memory,
+    so the model also learns to think without it; 1.0 trains exactly as without the option."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.memory_dropout <= 1.0:
+            raise ConfigError(f"training.memory_dropout must be in [0, 1], got {self.memory_dropout!r}")
         for key in ("nudge_contrastive_weight", "contrastive_temperature"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"training.{key} must be > 0, got {getattr(self, key)!r}")
@@ -370,6 +380,14 @@ class Config:
             raise ConfigError(f"batch_size_eval must be >= 1 or null, got {self.batch_size_eval!r}")
         if self.only_eval and self.load_model_path is None:
             raise ConfigError("only_eval: true needs load_model_path (the checkpoint to evaluate)")
+        if self.training.memory_in_training:
+            if not self.coconut or self.pause_as_thought:
+                method = "coconut with pause_as_thought" if self.pause_as_thought else self.method
+                raise ConfigError(f"training.memory_in_training mixes retrieved thoughts into continuous thoughts, "
+                                  f"so it needs coconut: true without pause_as_thought (this run is {method})")
+            if not self.retrieval.enabled:
+                raise ConfigError("training.memory_in_training reads the memory built after each epoch: set "
+                                  "retrieval.enabled: true")
 
     @property
     def method(self) -> str:

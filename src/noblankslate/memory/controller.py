@@ -96,6 +96,11 @@ class MemoryController:
         self.nudge_enabled = nudge_enabled and nudge.alpha_max > 0
         self.exit_enabled = exit_enabled and nudge.exit_threshold is not None
         self.record: BatchRecord | None = None
+        self.exclude_examples: np.ndarray | None = None
+        """(B,) the example index of each row of the next batch, whose own entry (metadata ``example``) is
+        never its neighbour (training reads a memory built from its own data); None: nothing excluded."""
+        self.count_retrievals = True
+        """Count each hit on its entry's ``retrieved`` metadata."""
         self.seconds = 0.0
         """Time spent in the controller (search, nudge, exit scores), over all calls."""
         # per-entry metadata as arrays aligned with the store's ids, so a batch's lookups are vectorised
@@ -104,6 +109,7 @@ class MemoryController:
         meta = [store.metadata_of(int(i)) for i in self._ids]
         self._entry_thoughts = np.array([m.get("thoughts", store.steps) for m in meta], dtype=np.int64)
         self._entry_exit = np.array([m.get("exit_step", store.steps) for m in meta], dtype=np.float64)
+        self._entry_example = np.array([m.get("example", -1) for m in meta], dtype=np.int64)
         self._confidence: Tensor | None = None  # (B,)
         self._targets: Tensor | None = None  # (B, T, D) weighted neighbour thoughts
         self._valid: Tensor | None = None  # (B, T) whether any hit neighbour has that step
@@ -117,9 +123,13 @@ class MemoryController:
         keys = parts.key_map(anchors.detach().float().cpu().numpy())  # (B, key_dim)
         if self.retrieval.normalize_keys:
             keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
-        sims, ids = parts.store.search(keys, self.retrieval.k)  # (B, k)
+        if self.exclude_examples is None:
+            sims, ids = parts.store.search(keys, self.retrieval.k)  # (B, k)
+        else:
+            sims, ids = self._without_own_entries(*parts.store.search(keys, self.retrieval.k + 1), self.exclude_examples)
         hits = (ids >= 0) & (sims >= self.retrieval.sim_threshold)  # (B, k)
-        parts.store.update_metadata(np.where(hits, ids, -1), "retrieved", lambda n: n + 1, default=0)
+        if self.count_retrievals:
+            parts.store.update_metadata(np.where(hits, ids, -1), "retrieved", lambda n: n + 1, default=0)
         best = np.where(ids[:, 0] >= 0, sims[:, 0], -np.inf)
         any_hit = hits.any(axis=1)
         confidence = np.where(any_hit, parts.confidence(np.where(np.isfinite(best), best, np.nan)), 0.0)
@@ -154,6 +164,17 @@ class MemoryController:
             nudge_norm_sum=np.zeros(b), nudges=np.zeros(b, dtype=np.int64), clipped=np.zeros(b, dtype=np.int64),
             neighbor_ids=np.where(hits, ids, -1),
         )
+
+    def _without_own_entries(self, sims: np.ndarray, ids: np.ndarray, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of k + 1 neighbours (B, k + 1) once each row's own example is dropped (an example has
+        one entry, so k remain); order kept."""
+        if len(examples) != len(ids):
+            raise ValueError(f"exclude_examples has {len(examples)} rows, the batch {len(ids)}")
+        rows = np.clip(np.searchsorted(self._ids, ids), 0, max(len(self._ids) - 1, 0))  # (B, k + 1)
+        own = (ids >= 0) & ((self._entry_example[rows] if len(self._ids) else -1) == np.asarray(examples)[:, None])
+        order = np.argsort(own, axis=1, kind="stable")[:, : ids.shape[1] - 1]  # own entries last, then cut
+        return (np.take_along_axis(np.where(own, -np.inf, sims), order, axis=1),
+                np.take_along_axis(np.where(own, -1, ids), order, axis=1))
 
     def exit_scores(self, step: int, thought: Tensor) -> Tensor:
         """(B,) every row's score for making this thought (number ``step + 1``) its last; higher = stop."""

@@ -48,7 +48,9 @@ def exit_calibration(model: Coconut, setup: RunSetup, parts: MemoryParts, stage:
     spec = setup.spec
     prompts = prompt_view(setup.val_tokens, stage, spec)
     full = generate(prompts, keep_thoughts=True).predictions  # every thought, memory off
-    most = max((len(r["thoughts"]) for r in full), default=0)
+    # From the prompts, which every rank has (the predictions are gathered on the main rank only): every rank
+    # must make the same generate calls, or their collectives deadlock.
+    most = max((f["input_ids"].count(spec.latent_id) for f in prompts), default=0)
     right_after = {j: {r["idx"]: r["correct"] for r in generate([with_thoughts(f, j, spec.latent_id) for f in prompts]).predictions}
                    for j in range(1, most)}
     scores, events = [], []
@@ -97,7 +99,10 @@ def threshold_curve(per_item: list[tuple[np.ndarray, list[bool]]]) -> list[dict[
 def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext, *, epoch: int, stage: int,
                     off: GenerationEval, off_seconds: float, lockstep: bool = False,
                     key_head: LinearKeyMap | None = None, metrics_dir: str | Path | None = None,
-                    generate: Callable[..., GenerationEval] | None = None) -> tuple[dict[str, Any] | None, dict[str, float]]:
+                    generate: Callable[..., GenerationEval] | None = None,
+                    make_controller: Callable[[MemoryParts, bool], MemoryController] | None = None,
+                    on_built: Callable[[MemoryParts], None] | None = None,
+                    ) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """Build the memory with ``model`` and evaluate with it, paired with the plain run ``off``.
 
     Args:
@@ -107,6 +112,10 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
         metrics_dir: where to write ``retrieval_metrics_epoch_{E}.json`` (None: not written).
         generate: ``generate(prompts, controller=None, keep_thoughts=False)`` -> GenerationEval; the
             default evaluates ``setup.val`` with the config's batch size and token budget.
+        make_controller: ``make_controller(parts, exit_enabled)`` -> the controller of the two memory runs;
+            default :class:`MemoryController` with the config's settings (a model trained with the memory
+            passes its gate's controller, so evaluation uses the gate it learned).
+        on_built: called with the memory once built (the training loop reads it in the next epoch).
 
     Returns:
         The metrics (None on ranks other than the main one) and the seconds of each part.
@@ -119,11 +128,16 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
                                        max_new_tokens=config.resolved_max_new_tokens, context=context,
                                        lockstep=lockstep, controller=controller, keep_thoughts=keep_thoughts)
     built = build_memory(model, setup, context, lockstep=lockstep, epoch=epoch, key_head=key_head)
+    if on_built is not None:
+        on_built(built.parts)
+    if make_controller is None:
+        def make_controller(parts, exit_enabled):
+            return MemoryController(parts, config.retrieval, config.nudge, exit_enabled=exit_enabled)
     prompts = prompt_view(setup.val_tokens, stage, setup.spec)
     seconds = {"off": off_seconds, "build": built.report.get("seconds", 0.0)}
     evaluations = {}
     for name, exit_enabled in (("full", False), ("on", True)):
-        controller = MemoryController(built.parts, config.retrieval, config.nudge, exit_enabled=exit_enabled)
+        controller = make_controller(built.parts, exit_enabled)
         started = time.perf_counter()
         evaluations[name] = generate(prompts, controller=controller)
         seconds[name] = time.perf_counter() - started

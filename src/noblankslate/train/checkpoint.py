@@ -74,6 +74,8 @@ class TrainState:
         step_in_epoch: for a mid-epoch checkpoint, the steps of epoch ``epoch + 1`` already done; 0 otherwise.
         epoch_loss: for a mid-epoch checkpoint, the per-step losses of those steps (the epoch's mean loss
             continues from them); None otherwise.
+        training_memory: with ``training.memory_in_training``, the fingerprint of the memory the next epoch
+            reads (a resumed run reloads that memory); None otherwise.
     """
 
     epoch: int
@@ -82,11 +84,14 @@ class TrainState:
     best_accuracy: float = 0.0
     step_in_epoch: int = 0
     epoch_loss: list[float] | None = None
+    training_memory: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         state = dataclasses.asdict(self)
         if not self.step_in_epoch:  # an epoch checkpoint: as before mid-epoch checkpoints existed
             del state["step_in_epoch"], state["epoch_loss"]
+        if self.training_memory is None:
+            del state["training_memory"]
         return state
 
     @classmethod
@@ -104,6 +109,8 @@ class TrainState:
         for name, kind in kinds.items():
             if name in raw and (not isinstance(raw[name], kind) or isinstance(raw[name], bool)):
                 raise CheckpointError(f"{where}: train_state.{name} is {raw[name]!r}, expected {getattr(kind, '__name__', 'a number')}")
+        if not isinstance(raw.get("training_memory", ""), str) and raw.get("training_memory") is not None:
+            raise CheckpointError(f"{where}: train_state.training_memory must be a fingerprint string or null")
         loss = raw.get("epoch_loss")
         if loss is not None and not (isinstance(loss, list) and all(isinstance(v, (int, float)) for v in loss)):
             raise CheckpointError(f"{where}: train_state.epoch_loss must be a list of numbers or null")

@@ -23,12 +23,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from noblankslate.config import Config, config_from_dict, flatten
+from noblankslate.config import Config, ConfigError, config_from_dict, flatten
 from noblankslate.data.curriculum import (
     Features,
     prompt_view,
@@ -44,14 +45,17 @@ from noblankslate.eval.evaluate import (
 )
 from noblankslate.eval.setup import setup_run
 from noblankslate.files import write_text_atomic
-from noblankslate.memory.builder import LinearKeyMap
+from noblankslate.memory.builder import LinearKeyMap, build_memory, load_memory
 from noblankslate.memory.contrastive import (
     ContrastiveHeads,
     TrajectoryBuffer,
     info_nce,
     thoughts_of_batch,
 )
+from noblankslate.memory.controller import MemoryParts
 from noblankslate.memory.evaluation import evaluate_memory
+from noblankslate.memory.gate import GATE_STATE, GatedMemoryController, MemoryGate
+from noblankslate.memory.store import MemoryFileError
 from noblankslate.model.build import uses_latent_tokens
 from noblankslate.model.lora import describe as describe_lora
 from noblankslate.model.lora import is_adapted, trainable_parameters
@@ -231,6 +235,19 @@ class Trainer:
             saved_heads = Path(config.load_model_path or "") / "nudge_heads.safetensors"
             if resume_from is None and config.load_model_path and saved_heads.is_file():
                 self.heads.load_state_dict(read_state_dict(saved_heads))
+        self.gate: MemoryGate | None = None
+        self.training_memory: GatedMemoryController | None = None
+        """The memory the next latent training epoch reads: built by the previous epoch's model."""
+        self.exclude_own = self.setup.memory_examples is self.setup.train
+        """The memory is built from the training file, so a row's own entry is dropped from its neighbours."""
+        if config.training.memory_in_training:
+            if not built_model.feed_thoughts:  # the config refuses this already; the model is the authority
+                raise ConfigError("training.memory_in_training needs a model that feeds continuous thoughts")
+            hidden = built_model.base_causallm.config.hidden_size
+            self.gate = MemoryGate(hidden, max(1, config.max_latent_stage * config.c_thought)).to(context.device)
+            saved_gate = Path(config.load_model_path or "") / f"{GATE_STATE}.safetensors"
+            if resume_from is None and config.load_model_path and saved_gate.is_file():
+                self.gate.load_state_dict(read_state_dict(saved_gate))
         self.optimizer = self._new_optimizer()
         per_rank = math.ceil(len(self.setup.train_tokens) / context.world_size)
         steps_per_epoch = math.ceil(math.ceil(per_rank / config.batch_size_training) / config.gradient_accumulation_steps)
@@ -255,6 +272,12 @@ class Trainer:
                 self.heads.load_state_dict(checkpoint.extra_states["nudge_heads"])
                 if "nudge_buffer" in checkpoint.extra_states:  # older checkpoints have none: the buffer restarts
                     self.buffer.load_state_dict(checkpoint.extra_states["nudge_buffer"], device=context.device)
+            if self.gate is not None:
+                if GATE_STATE in checkpoint.extra_states:
+                    self.gate.load_state_dict(checkpoint.extra_states[GATE_STATE])
+                else:  # only with allow_config_change (the option is a training key)
+                    print0(f"{resume_from} has no {GATE_STATE}: the memory gate starts at zero")
+                self._resume_training_memory(checkpoint.train_state.training_memory, resume_from)
         if context.is_main and self.saving:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
@@ -270,6 +293,8 @@ class Trainer:
         parameters = trainable_parameters(self.parallel.wrapped)
         if self.heads is not None:
             parameters += list(self.heads.parameters())
+        if self.gate is not None:
+            parameters += list(self.gate.parameters())
         return torch.optim.AdamW(parameters, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def _latent_passes(self, batch: dict[str, torch.Tensor]) -> int | None:
@@ -278,8 +303,11 @@ class Trainer:
             return None
         return self.context.all_reduce_max(_latent_count(batch, self.setup.latent_ids.latent_id))
 
-    def _forward_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM loss summed over labelled tokens, and the contrastive loss (mean over rows) if on."""
+    def _forward_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM loss summed over labelled tokens, and the contrastive loss (mean over rows) if on.
+
+        ``batch`` holds the collated tensors and the forward's ``controller`` (the training memory, or None).
+        """
         with autocast(self.config, self.context, self.parallel.kind):
             out = self.parallel.wrapped(**batch, return_logits=False, reduction="sum", latent_passes=self._latent_passes(batch))
             contrastive = self._contrastive(out.inputs_embeds, batch["input_ids"]) if self.heads is not None else None
@@ -294,6 +322,46 @@ class Trainer:
         loss = info_nce(keys, trajectories, self.buffer.sample(training.nudge_buffer_batch), training.contrastive_temperature)
         self.buffer.push(trajectories)
         return loss
+
+    def _training_controller(self, parts: MemoryParts) -> GatedMemoryController:
+        return GatedMemoryController(parts, self.config.retrieval, self.config.nudge, self.gate, exit_enabled=False,
+                                     count_retrievals=False)
+
+    def _set_training_memory(self, parts: MemoryParts) -> None:
+        self.training_memory = self._training_controller(parts)
+
+    def _resume_training_memory(self, fingerprint: str | None, checkpoint: Path) -> None:
+        """Load the memory the checkpoint's next (or interrupted) epoch reads, by its model's fingerprint."""
+        if fingerprint is None:  # none was built yet (stage 0): the next latent epoch builds it
+            return
+        try:
+            self._set_training_memory(load_memory(self.config.index.path, fingerprint))
+        except MemoryFileError as error:
+            exact = "exact" if not self.resume_step else "not exact: the resumed model is not the one that built it"
+            print0(f"{checkpoint}: the memory its run was reading is not at {self.config.index.path} ({error}); it is "
+                   f"rebuilt with the resumed model before training ({exact})")
+
+    def _prepare_training_memory(self, epoch: int) -> None:
+        """At a latent epoch with no memory from the previous epoch (the first one, or after an epoch that
+        built none), build one with the current model, which is the previous epoch's."""
+        if self.training_memory is not None:
+            return
+        print0(f"epoch {epoch + 1}: building the memory for training with the model of epoch {epoch}")
+        with self.parallel.gathered() as model, autocast(self.config, self.context, self.parallel.kind):
+            built = build_memory(model, self.setup, self.context, lockstep=self.parallel.lockstep, epoch=epoch,
+                                 key_head=self.key_head())
+        self._set_training_memory(built.parts)
+
+    def _batch_controller(self, examples: torch.Tensor | None, rows: int, micro: int) -> GatedMemoryController | None:
+        """The training memory for one micro-batch: its rows' own examples excluded, and the memory dropout
+        drawn per row from a generator seeded by (seed, step, micro-batch, rank), a function of the step
+        alone like the learning rate, so a resumed run draws the same masks with no state to save."""
+        if self.training_memory is None:
+            return None
+        rng = np.random.default_rng([self.config.seed, self.global_step, micro, self.context.rank])
+        keep = torch.as_tensor(rng.random(rows) >= self.config.training.memory_dropout, device=self.context.device)
+        own = examples.numpy() if self.exclude_own and examples is not None else None
+        return self.training_memory.for_batch(own, keep)
 
     def _micro_batches(self, view: list[Features], epoch: int) -> list[list[Features]]:
         order = epoch_order(len(view), self.config.seed, epoch, self.context)
@@ -320,12 +388,15 @@ class Trainer:
         for index, group in enumerate(groups):
             if index < skip:
                 continue
-            batches = [{k: v.to(device) for k, v in self.setup.collate(f).items() if k != "idx"} for f in group]
+            collated = [self.setup.collate(f) for f in group]
+            examples = [c.pop("idx", None) for c in collated]  # (B,) example indices (their own memory entries)
+            batches = [{k: v.to(device) for k, v in c.items()} for c in collated]
             tokens = float(self.context.all_reduce_sum([sum(_labelled_tokens(b) for b in batches)])[0])
-            step_loss, step_contrastive = 0.0, []
+            step_loss, step_contrastive, memory_rows = 0.0, [], []
             for j, batch in enumerate(batches):
+                controller = self._batch_controller(examples[j], len(batch["input_ids"]), j)
                 with self.parallel.gradient_sync(j == len(batches) - 1):
-                    loss_sum, contrastive = self._forward_sum(batch)
+                    loss_sum, contrastive = self._forward_sum({**batch, "controller": controller})
                     # DDP/FSDP average gradients over ranks; scaling by world_size / global tokens makes the
                     # result the gradient of the token-mean loss of the whole global batch.
                     loss = loss_sum * (self.context.world_size / max(tokens, 1.0))
@@ -334,8 +405,12 @@ class Trainer:
                         step_contrastive.append(float(contrastive.detach()))
                     loss.backward()
                 step_loss += float(loss_sum.detach())
+                if controller is not None and controller.record is not None:
+                    memory_rows.append(float(np.mean(controller.record.nudges > 0)))
             if self.heads is not None:
                 self.context.average_gradients(self.heads)  # the heads are outside DDP/FSDP
+            if self.gate is not None:
+                self.context.average_gradients(self.gate)
             lr = self.config.lr * lr_factor(self.global_step, self.total_steps, self.config.lr_schedule,
                                             self.config.warmup_steps)
             for group in self.optimizer.param_groups:
@@ -360,6 +435,8 @@ class Trainer:
                       "lr": lr}
             if step_contrastive:
                 record["contrastive_loss"] = sum(step_contrastive) / len(step_contrastive)
+            if memory_rows:  # share of rows whose thoughts the memory reached (a hit, not dropped)
+                record["memory_rows"] = sum(memory_rows) / len(memory_rows)
             self.tracker.log(record)
             stop = bool(self.context.all_reduce_max(int(self.stop_requested)))  # every rank stops at the same step
             done = index + 1
@@ -406,10 +483,15 @@ class Trainer:
         """Rebuild the memory from training data with this epoch's model, then evaluate with it, paired
         with the plain evaluation ``off``, and write ``retrieval_metrics_epoch_{E}.json``."""
         config = self.config
+        gated = None
+        if self.gate is not None:  # the model trained with its memory is evaluated with the gate it learned
+            def gated(parts: MemoryParts, exit_enabled: bool) -> GatedMemoryController:
+                return GatedMemoryController(parts, config.retrieval, config.nudge, self.gate, exit_enabled=exit_enabled)
         with self.parallel.gathered() as model, autocast(config, self.context, self.parallel.kind):
             metrics, _ = evaluate_memory(model, self.setup, self.context, epoch=epoch + 1, stage=stage, off=off,
                                          off_seconds=self.generation_seconds, lockstep=self.parallel.lockstep,
-                                         key_head=self.key_head(), metrics_dir=self.run_dir)
+                                         key_head=self.key_head(), metrics_dir=self.run_dir, make_controller=gated,
+                                         on_built=self._set_training_memory if self.gate is not None else None)
         if metrics is None:
             return None
         self.tracker.log({"event": "retrieval", "epoch": epoch + 1,
@@ -437,17 +519,25 @@ class Trainer:
         model_state = self.parallel.full_state_dict(plain_causallm=plain)
         optimizer_state = self.parallel.optimizer_state(self.optimizer)
         if self.context.is_main:
+            training_memory = None
+            if self.gate is not None and self.training_memory is not None:  # what the next (or this interrupted) epoch reads
+                training_memory = self.training_memory.parts.store.fingerprint
+            extra = {}
+            if self.heads is not None:
+                extra["nudge_heads"] = {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}
+                extra["nudge_buffer"] = self.buffer.state_dict()
+            if self.gate is not None:
+                extra[GATE_STATE] = {k: v.detach().cpu() for k, v in self.gate.state_dict().items()}
             done = epoch if step_in_epoch else epoch + 1
             save_checkpoint(
                 self.run_dir, done, step_in_epoch=step_in_epoch, model_state=model_state,
                 optimizer_state=optimizer_state, rng_state=capture_rng_state(),
                 train_state=TrainState(epoch=done, stage=stage, global_step=self.global_step,
                                        best_accuracy=self.best_accuracy, step_in_epoch=step_in_epoch,
-                                       epoch_loss=epoch_loss if step_in_epoch else None),
+                                       epoch_loss=epoch_loss if step_in_epoch else None,
+                                       training_memory=training_memory),
                 config=self.config, tokenizer=self.setup.tokenizer,
-                extra_states={"nudge_heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
-                              "nudge_buffer": self.buffer.state_dict()}
-                if self.heads is not None else None,
+                extra_states=extra or None,
             )
         self.context.barrier()
 
@@ -480,18 +570,21 @@ class Trainer:
             started = time.perf_counter()
             stage = scheduled_stage(config, epoch)
             train_loss = None
+            # A memory of thoughts needs thoughts: none is built, read or evaluated at a stage without them (stage 0).
+            thinking_stage = stage > 0 and self.setup.spec.c_thought > 0
             if not config.only_eval:
                 resumed_mid_epoch = epoch == self.start_epoch and self.resume_step > 0  # the reset is behind us
                 if (config.reset_optimizer and epoch > 0 and not resumed_mid_epoch
                         and data_stage(config, stage) != data_stage(config, scheduled_stage(config, epoch - 1))):
                     self.optimizer = self._new_optimizer()
+                if self.gate is not None and thinking_stage:
+                    self._prepare_training_memory(epoch)
                 train_loss = self.train_epoch(epoch, stage)
             val_loss, evaluation = self.evaluate(epoch, stage)
             result = EpochResult(epoch + 1, stage, train_loss, val_loss, evaluation, time.perf_counter() - started)
             results.append(result)
             self._report(result)
-            # A memory of thoughts needs thoughts: none is built or evaluated at a stage without them (stage 0).
-            thinking_stage = stage > 0 and self.setup.spec.c_thought > 0
+            self.training_memory = None  # the next epoch reads the memory of this epoch's model, built next
             if config.retrieval.enabled and thinking_stage and (self.memory_every_epoch or epoch + 1 == last_epoch):
                 result.retrieval = self.memory_epoch(epoch, stage, evaluation)
             self._write_predictions(epoch, evaluation)
