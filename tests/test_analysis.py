@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import CPU, tiny_config
+from helpers import CPU, tiny_config
 
 from noblankslate.analysis.budget import budget_curve
 from noblankslate.analysis.interventions import derangement, interventions

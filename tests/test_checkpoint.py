@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from model_helpers import tiny_gpt2, wrap
+from helpers import tiny_gpt2, wrap
 from safetensors import safe_open
 
 from noblankslate.config import Config, config_from_dict
@@ -18,8 +18,8 @@ from noblankslate.model.tokenizer import build_word_tokenizer
 from noblankslate.model.weights import load_into
 from noblankslate.train import checkpoint as ckpt
 from noblankslate.train.checkpoint import (
-    TrainState,
     CheckpointError,
+    TrainState,
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,

@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-from model_helpers import LATENT, MODEL_FACTORIES, ragged_batch, wrap
+from helpers import LATENT, MODEL_FACTORIES, ragged_batch, wrap
 
 
 def oracle_forward(base, input_ids, attention_mask, labels, position_ids):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from model_helpers import MODEL_FACTORIES, wrap
+from helpers import MODEL_FACTORIES, wrap
 from test_generate import ROWS, pad, prompt
 from transformers import DynamicCache
 

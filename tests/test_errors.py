@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from run_helpers import tiny_config
+from helpers import tiny_config
 
 import noblankslate.cli as cli
 from noblankslate.errors import NbsError, describe_os_error

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import questions, trained_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from inference_helpers import questions, trained_run
 from noblankslate.cli import main
 from noblankslate.inference import load
 from noblankslate.inference.export import ExportError, export_model

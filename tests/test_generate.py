@@ -6,8 +6,7 @@ import random
 
 import pytest
 import torch
-
-from model_helpers import END, EOS, LATENT, MODEL_FACTORIES, START, WORDS, wrap
+from helpers import END, EOS, LATENT, MODEL_FACTORIES, START, WORDS, wrap
 from test_coconut_oracle import oracle_forward
 
 

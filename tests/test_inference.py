@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CPU, predictions, questions, trained_run
 
-from inference_helpers import predictions, questions, trained_run
 from noblankslate.cli import main
 from noblankslate.inference import InferenceError, load
 from noblankslate.inference.evaluation import SamplingOptions, evaluate_file
 from noblankslate.inference.sampling import majority_vote, mean_pass_at_k, pass_at_k
 from noblankslate.model.checkpoint_files import CheckpointError
-from run_helpers import CPU
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +226,10 @@ def test_a_checkpoint_whose_config_names_no_known_method_is_refused(capsys, run_
                                     {"coconut": True, "pause_as_thought": True}],
                          ids=["cot", "no_cot", "no_thoughts", "pause_token", "pause_as_thought"])
 def test_every_methods_checkpoint_reproduces_its_runs_evaluation(tmp_path, tiny_data, method):
+    from run_helpers import tiny_config
+
     from noblankslate.config import config_from_dict
     from noblankslate.train.loop import train
-    from run_helpers import tiny_config
 
     raw = {**tiny_config(tmp_path, tiny_data, num_epochs=2), "coconut": False, **method}
     train(config_from_dict(raw), CPU)

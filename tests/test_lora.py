@@ -15,10 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import (
+    CPU,
+    END,
+    EOS,
+    LATENT,
+    MODEL_FACTORIES,
+    START,
+    ragged_batch,
+    tiny_config,
+    wrap,
+)
 from safetensors.torch import load_file
-
-from model_helpers import END, EOS, LATENT, MODEL_FACTORIES, START, ragged_batch, wrap
-from run_helpers import CPU, tiny_config
 from test_coconut_oracle import RAGGED, assert_close_scaled, oracle_forward
 from test_generate import ROWS, oracle_generate, pad, prompt
 

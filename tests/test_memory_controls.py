@@ -6,7 +6,11 @@ import torch
 from noblankslate.config import NudgeConfig, RetrievalConfig
 from noblankslate.memory.calibration import make_calibrator
 from noblankslate.memory.controller import MemoryController, MemoryParts
-from noblankslate.memory.controls import ShuffledNeighbours, full_replacement, random_memory
+from noblankslate.memory.controls import (
+    ShuffledNeighbours,
+    full_replacement,
+    random_memory,
+)
 from noblankslate.memory.store import LatentMemory
 
 

@@ -9,20 +9,18 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from model_helpers import MODEL_FACTORIES, wrap
+from helpers import CPU, MODEL_FACTORIES, tiny_config, wrap
 from test_generate import pad, prompt
-from run_helpers import CPU, tiny_config
 
 from noblankslate.config import NudgeConfig, RetrievalConfig, config_from_dict
 from noblankslate.eval.evaluate import GenerationEval
+from noblankslate.eval.setup import load_memory_data
 from noblankslate.memory.builder import load_memory
 from noblankslate.memory.calibration import make_calibrator
 from noblankslate.memory.controller import MemoryController, MemoryParts
 from noblankslate.memory.metrics import retrieval_metrics
 from noblankslate.memory.report import build_report, find_metrics, format_report
 from noblankslate.memory.store import LatentMemory, MemoryFileError
-from noblankslate.eval.setup import load_memory_data
 from noblankslate.train.loop import train
 from noblankslate.train.track import read_metrics
 

@@ -12,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from model_helpers import MODEL_FACTORIES, ragged_batch, wrap
-from run_helpers import CPU, tiny_config
+from helpers import CPU, MODEL_FACTORIES, ragged_batch, tiny_config, wrap
 from test_generate import pad, prompt
 
-from noblankslate.config import ConfigError, NudgeConfig, RetrievalConfig, config_from_dict
+from noblankslate.config import (
+    ConfigError,
+    NudgeConfig,
+    RetrievalConfig,
+    config_from_dict,
+)
 from noblankslate.eval.setup import setup_run
 from noblankslate.memory.builder import model_fingerprint
 from noblankslate.memory.calibration import make_calibrator

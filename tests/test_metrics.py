@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from noblankslate.eval.metrics import brier_score, expected_calibration_error, reliability_table
+from noblankslate.eval.metrics import (
+    brier_score,
+    expected_calibration_error,
+    reliability_table,
+)
 
 CONF = [0.1, 0.4, 0.35, 0.8, 0.9]
 CORRECT = [0, 1, 0, 1, 1]

@@ -6,6 +6,7 @@ import sys
 import types
 
 import torch
+from helpers import CPU, tiny_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from noblankslate.cli import main
@@ -13,7 +14,6 @@ from noblankslate.config import Config, config_from_dict
 from noblankslate.model.build import build_model, build_tokenizer, gpt2_bpe_tokenizer
 from noblankslate.model.tokenizer import build_word_tokenizer
 from noblankslate.train.track import Tracker
-from run_helpers import CPU, tiny_config
 
 
 def test_the_offline_gpt2_bpe_files_are_the_real_gpt2_vocabulary():

@@ -9,7 +9,13 @@ import pytest
 
 from noblankslate.cli import main
 from noblankslate.data.graph_stats import prosqa_graph_stats
-from noblankslate.data.prosqa import CONCEPTS, PEOPLE, ProsQAConfig, check_prosqa_example, generate_prosqa
+from noblankslate.data.prosqa import (
+    CONCEPTS,
+    PEOPLE,
+    ProsQAConfig,
+    check_prosqa_example,
+    generate_prosqa,
+)
 from noblankslate.data.schema import load_examples
 
 

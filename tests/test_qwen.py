@@ -1,5 +1,5 @@
 """Qwen2 and Qwen3 bases: built from ``model_config`` like GPT-2 and Llama. Their forward and generation are
-checked against the no-cache oracles with every other base (tiny_qwen2/tiny_qwen3 in tests/model_helpers.py,
+checked against the no-cache oracles with every other base (tiny_qwen2/tiny_qwen3 in tests/helpers.py,
 through MODEL_FACTORIES in test_coconut_oracle.py, test_generate.py and test_thought_controller.py).
 """
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-from run_helpers import tiny_config
+from helpers import tiny_config
 
 from noblankslate.cli import main
 from noblankslate.train.lock import LOCK_FILE, RunLock, RunLocked

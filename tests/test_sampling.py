@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
-
-from model_helpers import MODEL_FACTORIES, wrap
-from noblankslate.model.coconut import Sampling
+from helpers import MODEL_FACTORIES, wrap
 from test_generate import pad, prompt
+
+from noblankslate.model.coconut import Sampling
 
 ROWS = [(7, 3), (12, 0), (4, 1), (9, 2)]  # (question length, latent count)
 

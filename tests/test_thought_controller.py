@@ -6,8 +6,7 @@ import random
 
 import pytest
 import torch
-
-from model_helpers import MODEL_FACTORIES, wrap
+from helpers import MODEL_FACTORIES, wrap
 from test_generate import pad, prompt
 
 ROWS = [(7, 3), (12, 0), (4, 1), (9, 2), (5, 6), (6, 4)]  # (question length, latent count)

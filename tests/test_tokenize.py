@@ -9,7 +9,12 @@ from noblankslate.data.tokenize import (
     full_text,
     tokenize_examples,
 )
-from noblankslate.model.tokenizer import EOS_TOKEN, UNK_TOKEN, build_word_tokenizer, load_tokenizer
+from noblankslate.model.tokenizer import (
+    EOS_TOKEN,
+    UNK_TOKEN,
+    build_word_tokenizer,
+    load_tokenizer,
+)
 
 ROUND_TRIP = [
     "Tom is a wumpus.\n",

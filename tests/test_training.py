@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import CPU, tiny_config
 from safetensors.torch import load_file
 
 from noblankslate.config import config_from_dict
 from noblankslate.train.loop import Trainer, train
-from run_helpers import CPU, tiny_config
 from noblankslate.train.track import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

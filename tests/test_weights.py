@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import MODEL_FACTORIES, VOCAB, tiny_gpt2, wrap
+from helpers import MODEL_FACTORIES, VOCAB, tiny_gpt2, wrap
 
 from noblankslate.config import Config
 from noblankslate.model.weights import (

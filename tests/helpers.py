@@ -1,8 +1,12 @@
-"""Tiny models and ragged Coconut batches shared by the model tests (no network, no tokenizer)."""
+"""Helpers shared by the tests (imported, not collected): tiny models and ragged Coconut batches, tiny
+training runs and their configs, and one trained run for the inference and export tests. No network, no
+downloaded weights."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -16,7 +20,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from noblankslate.config import config_from_dict
 from noblankslate.model.coconut import Coconut
+from noblankslate.runtime import DistributedContext
+from noblankslate.train.loop import train
 
 VOCAB = 64
 EOS, START, END, LATENT = 60, 61, 62, 63
@@ -107,3 +114,46 @@ def collate(rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
 def ragged_batch(seed: int, shapes: list[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
     rng = random.Random(seed)
     return collate([make_row(rng, q, n, t) for q, n, t in shapes])
+
+
+# Tiny training runs
+
+CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def tiny_config(tmp_path: Path, data: tuple[Path, Path], **overrides) -> dict:
+    raw = {
+        "save_path": str(tmp_path / "runs"), "name": "tiny", "coconut": True, "c_thought": 1,
+        "epochs_per_stage": 1, "max_latent_stage": 2, "pad_latent_to_max": True, "reset_optimizer": True,
+        "train_path": str(data[0]), "val_path": str(data[1]), "batch_size_training": 8, "num_epochs": 3,
+        "lr": 1e-3, "max_new_tokens": 6, "seed": 3,
+        "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.1},
+    }
+    raw.update(overrides)
+    return raw
+
+
+# One trained run for the inference and export tests
+
+_RUNS: dict[tuple, Path] = {}
+
+
+def trained_run(tmp_path_factory, data: tuple[Path, Path], arch: str = "gpt2") -> Path:
+    """A 6-epoch Coconut run (2 epochs per stage, 2 thoughts at the end) that has learnt the answer format
+    ("### X is a Y."), trained once per test session and data set (about a second)."""
+    key = (*(str(p) for p in data), arch)
+    if key not in _RUNS:
+        folder = tmp_path_factory.mktemp("trained")
+        raw = tiny_config(folder, data, num_epochs=6, epochs_per_stage=2, lr=1e-2, max_new_tokens=8,
+                          model_config={"arch": arch, "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.0})
+        train(config_from_dict(raw), CPU)
+        _RUNS[key] = folder / "runs" / "tiny"
+    return _RUNS[key]
+
+
+def questions(path: Path) -> list[str]:
+    return [record["question"] for record in json.loads(path.read_text())]
+
+
+def predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
