@@ -306,7 +306,7 @@ def test_saved_files_are_readable_by_others(tmp_path):
 
 def test_a_stray_file_with_a_checkpoints_name_is_refused_before_any_work(tmp_path, tiny_data, capsys):
     import yaml
-    from run_helpers import tiny_config
+    from helpers import tiny_config
 
     from noblankslate.cli import main
 

@@ -226,7 +226,7 @@ def test_a_checkpoint_whose_config_names_no_known_method_is_refused(capsys, run_
                                     {"coconut": True, "pause_as_thought": True}],
                          ids=["cot", "no_cot", "no_thoughts", "pause_token", "pause_as_thought"])
 def test_every_methods_checkpoint_reproduces_its_runs_evaluation(tmp_path, tiny_data, method):
-    from run_helpers import tiny_config
+    from helpers import tiny_config
 
     from noblankslate.config import config_from_dict
     from noblankslate.train.loop import train

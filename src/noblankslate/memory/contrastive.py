@@ -10,9 +10,12 @@ trajectories, which is what the nudge relies on. The heads are saved with the ch
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from noblankslate.errors import NbsError
 
 
 class ContrastiveHeads(nn.Module):
@@ -90,3 +93,68 @@ def info_nce(keys: Tensor, trajectories: Tensor, negatives: Tensor | None, tempe
     candidates = trajectories if negatives is None else torch.cat([trajectories, negatives.to(trajectories.dtype)])
     logits = keys @ candidates.T / temperature  # (N, N + M)
     return F.cross_entropy(logits.float(), torch.arange(len(keys), device=keys.device))
+
+
+class ContrastiveObjective:
+    """Contrastive key training as one object: the heads, the trajectory buffer, the loss and their state.
+
+    The training loop adds :meth:`loss` (weighted) to the LM loss of every step, averages the heads'
+    gradients over ranks (they sit outside DDP/FSDP), and saves :meth:`state` with every checkpoint so that
+    a resumed run continues exactly (the buffer's contents and its RNG included).
+
+    Args:
+        hidden_size: the model's hidden size (anchors and thoughts).
+        key_dim: the key and projection size (``retrieval.key_dim``, or the hidden size).
+        latent_id: id of ``<|latent|>`` (finds each row's thoughts in the forward's inputs).
+        buffer_limit, negatives, temperature: ``training.retrieval_buffer_limit``, ``nudge_buffer_batch``
+            (buffered trajectories used as extra negatives) and ``contrastive_temperature``.
+        seed: seeds the heads' initialisation and the buffer's sampling.
+    """
+
+    HEADS = "nudge_heads"
+    BUFFER = "nudge_buffer"
+
+    def __init__(self, hidden_size: int, key_dim: int, latent_id: int, *, buffer_limit: int, negatives: int,
+                 temperature: float, seed: int, device: torch.device):
+        torch.manual_seed(seed + 17)
+        self.heads = ContrastiveHeads(hidden_size, key_dim).to(device)
+        self.buffer = TrajectoryBuffer(buffer_limit, seed=seed)
+        self.latent_id, self.negatives, self.temperature, self.device = latent_id, negatives, temperature, device
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.heads.parameters())
+
+    def loss(self, inputs_embeds: Tensor, input_ids: Tensor) -> Tensor | None:
+        """InfoNCE of each row's key against its own trajectory (the batch's other rows and buffered
+        trajectories are the negatives); None when fewer than two rows have thoughts."""
+        found = thoughts_of_batch(inputs_embeds, input_ids, self.latent_id)
+        if found is None or len(found[0]) < 2:
+            return None
+        keys, trajectories = self.heads(*found)
+        loss = info_nce(keys, trajectories, self.buffer.sample(self.negatives), self.temperature)
+        self.buffer.push(trajectories)
+        return loss
+
+    def state(self) -> dict[str, dict[str, Tensor]]:
+        """The checkpoint's extra states: the heads' weights and the buffer."""
+        return {self.HEADS: {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
+                self.BUFFER: self.buffer.state_dict()}
+
+    def restore(self, states: dict[str, dict[str, Tensor]], where: object) -> None:
+        """Resume from a checkpoint's extra states (older checkpoints without a buffer restart it empty)."""
+        if self.HEADS not in states:
+            raise ContrastiveStateMissing(f"{where}: training.nudge_contrastive is on but the checkpoint has no {self.HEADS}")
+        self.heads.load_state_dict(states[self.HEADS])
+        if self.BUFFER in states:
+            self.buffer.load_state_dict(states[self.BUFFER], device=self.device)
+
+    def key_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The learned key map's weight and bias as float32 numpy (the memory keys its entries with them)."""
+        key = self.heads.key
+        return key.weight.detach().float().cpu().numpy(), key.bias.detach().float().cpu().numpy()
+
+
+class ContrastiveStateMissing(NbsError, ValueError):
+    """A contrastive run resumed from a checkpoint that holds no contrastive heads."""
+
+    label = "checkpoint error"

@@ -47,10 +47,7 @@ from noblankslate.eval.setup import setup_run
 from noblankslate.files import write_text_atomic
 from noblankslate.memory.builder import LinearKeyMap, build_memory, load_memory
 from noblankslate.memory.contrastive import (
-    ContrastiveHeads,
-    TrajectoryBuffer,
-    info_nce,
-    thoughts_of_batch,
+    ContrastiveObjective,
 )
 from noblankslate.memory.controller import MemoryParts
 from noblankslate.memory.evaluation import evaluate_memory
@@ -224,17 +221,18 @@ class Trainer:
             print0(describe_lora(self.setup.model.base_causallm))
         built_model = self.setup.model
         self.parallel: ParallelModel = wrap_model(built_model, config, context)
-        self.heads: ContrastiveHeads | None = None
+        self.contrastive: ContrastiveObjective | None = None
         if config.training.nudge_contrastive:
             if not (config.coconut and built_model.feed_thoughts):
                 raise ValueError("training.nudge_contrastive needs coconut thoughts (not cot, pause or no_thoughts)")
-            hidden = built_model.base_causallm.config.hidden_size
-            torch.manual_seed(config.seed + 17)
-            self.heads = ContrastiveHeads(hidden, config.retrieval.key_dim or hidden).to(context.device)
-            self.buffer = TrajectoryBuffer(config.training.retrieval_buffer_limit, seed=config.seed)
-            saved_heads = Path(config.load_model_path or "") / "nudge_heads.safetensors"
+            hidden, training = built_model.base_causallm.config.hidden_size, config.training
+            self.contrastive = ContrastiveObjective(
+                hidden, config.retrieval.key_dim or hidden, self.setup.latent_ids.latent_id,
+                buffer_limit=training.retrieval_buffer_limit, negatives=training.nudge_buffer_batch,
+                temperature=training.contrastive_temperature, seed=config.seed, device=context.device)
+            saved_heads = Path(config.load_model_path or "") / f"{ContrastiveObjective.HEADS}.safetensors"
             if resume_from is None and config.load_model_path and saved_heads.is_file():
-                self.heads.load_state_dict(read_state_dict(saved_heads))
+                self.contrastive.heads.load_state_dict(read_state_dict(saved_heads))
         self.gate: MemoryGate | None = None
         self.training_memory: GatedMemoryController | None = None
         """The memory the next latent training epoch reads: built by the previous epoch's model."""
@@ -266,12 +264,8 @@ class Trainer:
                 self.parallel.load_optimizer_state(self.optimizer, checkpoint.optimizer_state)
             if checkpoint.rng_state is not None:
                 restore_rng_state(checkpoint.rng_state)
-            if self.heads is not None:
-                if "nudge_heads" not in checkpoint.extra_states:
-                    raise ValueError(f"{resume_from}: training.nudge_contrastive is on but the checkpoint has no nudge_heads")
-                self.heads.load_state_dict(checkpoint.extra_states["nudge_heads"])
-                if "nudge_buffer" in checkpoint.extra_states:  # older checkpoints have none: the buffer restarts
-                    self.buffer.load_state_dict(checkpoint.extra_states["nudge_buffer"], device=context.device)
+            if self.contrastive is not None:
+                self.contrastive.restore(checkpoint.extra_states, resume_from)
             if self.gate is not None:
                 if GATE_STATE in checkpoint.extra_states:
                     self.gate.load_state_dict(checkpoint.extra_states[GATE_STATE])
@@ -291,8 +285,8 @@ class Trainer:
     def _new_optimizer(self) -> torch.optim.Optimizer:
         # Frozen weights (the base model under LoRA) get no optimizer state.
         parameters = trainable_parameters(self.parallel.wrapped)
-        if self.heads is not None:
-            parameters += list(self.heads.parameters())
+        if self.contrastive is not None:
+            parameters += self.contrastive.parameters()
         if self.gate is not None:
             parameters += list(self.gate.parameters())
         return torch.optim.AdamW(parameters, lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -310,18 +304,9 @@ class Trainer:
         """
         with autocast(self.config, self.context, self.parallel.kind):
             out = self.parallel.wrapped(**batch, return_logits=False, reduction="sum", latent_passes=self._latent_passes(batch))
-            contrastive = self._contrastive(out.inputs_embeds, batch["input_ids"]) if self.heads is not None else None
+            contrastive = (self.contrastive.loss(out.inputs_embeds, batch["input_ids"])
+                           if self.contrastive is not None else None)
         return out.loss, contrastive
-
-    def _contrastive(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
-        found = thoughts_of_batch(inputs_embeds, input_ids, self.setup.latent_ids.latent_id)
-        if found is None or len(found[0]) < 2:
-            return None
-        keys, trajectories = self.heads(*found)
-        training = self.config.training
-        loss = info_nce(keys, trajectories, self.buffer.sample(training.nudge_buffer_batch), training.contrastive_temperature)
-        self.buffer.push(trajectories)
-        return loss
 
     def _training_controller(self, parts: MemoryParts) -> GatedMemoryController:
         return GatedMemoryController(parts, self.config.retrieval, self.config.nudge, self.gate, exit_enabled=False,
@@ -407,8 +392,8 @@ class Trainer:
                 step_loss += float(loss_sum.detach())
                 if controller is not None and controller.record is not None:
                     memory_rows.append(float(np.mean(controller.record.nudges > 0)))
-            if self.heads is not None:
-                self.context.average_gradients(self.heads)  # the heads are outside DDP/FSDP
+            if self.contrastive is not None:
+                self.context.average_gradients(self.contrastive.heads)  # the heads are outside DDP/FSDP
             if self.gate is not None:
                 self.context.average_gradients(self.gate)
             lr = self.config.lr * lr_factor(self.global_step, self.total_steps, self.config.lr_schedule,
@@ -474,10 +459,9 @@ class Trainer:
 
     def key_head(self) -> LinearKeyMap | None:
         """The learned key map of the contrastive heads, for the memory (None without them)."""
-        if self.heads is None:
+        if self.contrastive is None:
             return None
-        return LinearKeyMap(self.heads.key.weight.detach().float().cpu().numpy(),
-                            self.heads.key.bias.detach().float().cpu().numpy())
+        return LinearKeyMap(*self.contrastive.key_weights())
 
     def memory_epoch(self, epoch: int, stage: int, off: GenerationEval) -> dict | None:
         """Rebuild the memory from training data with this epoch's model, then evaluate with it, paired
@@ -523,9 +507,8 @@ class Trainer:
             if self.gate is not None and self.training_memory is not None:  # what the next (or this interrupted) epoch reads
                 training_memory = self.training_memory.parts.store.fingerprint
             extra = {}
-            if self.heads is not None:
-                extra["nudge_heads"] = {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}
-                extra["nudge_buffer"] = self.buffer.state_dict()
+            if self.contrastive is not None:
+                extra.update(self.contrastive.state())
             if self.gate is not None:
                 extra[GATE_STATE] = {k: v.detach().cpu() for k, v in self.gate.state_dict().items()}
             done = epoch if step_in_epoch else epoch + 1
