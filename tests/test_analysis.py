@@ -24,7 +24,7 @@ from noblankslate.analysis.search import (
     name_tokens,
     node_groups,
 )
-from noblankslate.analysis.subject import Subject, generate, latent_prompt
+from noblankslate.analysis.subject import Subject, generate
 from noblankslate.analysis.thoughts import decoded_thoughts
 from noblankslate.cli import main
 from noblankslate.config import config_from_dict
@@ -32,6 +32,7 @@ from noblankslate.data.curriculum import (
     prompt_features,
     prompt_latent_count,
     prompt_view,
+    prompt_with_latents,
 )
 from noblankslate.eval.evaluate import evaluate_generation
 from noblankslate.eval.setup import setup_run
@@ -138,10 +139,10 @@ def test_prompts_with_j_latent_tokens_are_the_curriculum_prompts(setup):
     for tokens in setup.val_tokens:
         for stage in range(spec.max_latent_stage + 2):
             count = prompt_latent_count(tokens.n_steps, stage, spec)
-            assert latent_prompt(tokens, count, spec) == prompt_features(tokens, stage, spec)
-        empty = latent_prompt(tokens, 0, spec)["input_ids"]
+            assert prompt_with_latents(tokens, count, spec) == prompt_features(tokens, stage, spec)
+        empty = prompt_with_latents(tokens, 0, spec)["input_ids"]
         assert empty == [*tokens.question_ids, spec.start_id, spec.end_id]
-        assert latent_prompt(tokens, 5, spec)["input_ids"].count(spec.latent_id) == 5
+        assert prompt_with_latents(tokens, 5, spec)["input_ids"].count(spec.latent_id) == 5
 
 
 def test_budget_at_T_is_the_ordinary_evaluation(setup):
@@ -166,7 +167,7 @@ def test_budget_at_T_is_the_ordinary_evaluation(setup):
 
 def test_budget_stops_where_the_positions_run_out(setup):
     subject = subject_of(setup)
-    longest_at_3 = max(len(latent_prompt(t, 3, setup.spec)["input_ids"]) for t in setup.val_tokens)
+    longest_at_3 = max(len(prompt_with_latents(t, 3, setup.spec)["input_ids"]) for t in setup.val_tokens)
     config = subject.model.base_causallm.config
     saved = config.n_positions
     try:

@@ -8,18 +8,14 @@ Evaluation must score each validation example exactly once.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_script
 
 from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
 from noblankslate.train.track import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _step_losses(run_dir: Path) -> list[float]:
@@ -46,12 +42,8 @@ def test_two_processes_match_one(tmp_path, parallel):
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(ROOT / "run.py"), str(path), "name=two", "batch_size_training=4"],
-                   env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, str(ROOT / "run.py"), str(path), "name=one", "batch_size_training=8"],
-                   env=env, check=True, capture_output=True)
+    run_script(path, "name=two", "batch_size_training=4", processes=2)
+    run_script(path, "name=one", "batch_size_training=8")
 
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     losses_one, losses_two = _step_losses(one), _step_losses(two)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from helpers import (
     MODEL_FACTORIES,
     START,
     ragged_batch,
+    run_script,
     tiny_config,
     wrap,
 )
@@ -39,7 +38,6 @@ from noblankslate.train.track import read_metrics
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
                                 reason="LoRA needs peft: pip install -e '.[lora]'")
-ROOT = Path(__file__).resolve().parents[1]
 FACTORIES = {arch: MODEL_FACTORIES[arch] for arch in ("gpt2", "llama", "qwen2")}
 SETTINGS = LoraConfig(enabled=True, rank=4, alpha=8.0)
 NEW_TOKENS = (START, END, LATENT)
@@ -266,10 +264,7 @@ def test_lora_on_two_processes_matches_one(tmp_path, tiny_data, parallel):
     raw["model_config"] = {"arch": "gpt2" if parallel == "ddp" else "llama", "n_layer": 1, "n_embd": 32, "n_head": 2}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(ROOT / "run.py"), str(path), "name=two", "batch_size_training=4"],
-                   env=env, check=True, capture_output=True)
+    run_script(path, "name=two", "batch_size_training=4", processes=2)
     train(config_from_dict({**raw, "name": "one"}), CPU)
     losses = lambda d: [r["train_loss"] for r in read_metrics(tmp_path / "runs" / d) if r["event"] == "step"]
     assert len(losses("one")) == 12 and losses("two") == pytest.approx(losses("one"), rel=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CPU, MODEL_FACTORIES, ragged_batch, tiny_config, wrap
+from helpers import CPU, MODEL_FACTORIES, ragged_batch, run_script, tiny_config, wrap
 from test_generate import pad, prompt
 
 from noblankslate.config import (
@@ -227,7 +227,6 @@ def test_the_option_is_checked_with_the_key_named(tmp_path, tiny_data, overrides
 def test_two_processes_train_the_gate_as_one(tmp_path):
     """DDP (gloo, torchrun): the gate sits outside the wrapper, so its gradients are averaged explicitly; with
     no dropout, two ranks of 4 rows train model and gate as one process with batches of 8."""
-    import os
 
     import yaml
 
@@ -246,14 +245,9 @@ def test_two_processes_train_the_gate_as_one(tmp_path):
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, command in (("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
-                          ("one", [sys.executable])):
-        done = subprocess.run([*command, str(root / "run.py"), str(path), f"name={name}",
-                               f"batch_size_training={4 if name == 'two' else 8}", f"index.path={tmp_path / name / 'index.bin'}"],
-                              env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+    for name, processes in (("two", 2), ("one", 1)):
+        run_script(path, f"name={name}", f"batch_size_training={8 // processes}", f"index.path={tmp_path / name / 'index.bin'}",
+                   processes=processes)
     steps = {name: [r for r in read_metrics(tmp_path / "runs" / name) if r["event"] == "step"] for name in ("one", "two")}
     assert [r["train_loss"] for r in steps["two"]] == pytest.approx([r["train_loss"] for r in steps["one"]], rel=1e-5)
     assert all(r["memory_rows"] == 1.0 for r in steps["one"] if r["stage"] > 0)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from noblankslate.analysis.subject import Subject, generate, latent_prompt, summary
+from noblankslate.analysis.subject import Subject, generate, summary
+from noblankslate.data.curriculum import prompt_with_latents
 from noblankslate.eval.paired import paired_comparison
 
 
@@ -37,7 +38,7 @@ def budget_curve(subject: Subject, ordinary: list[dict[str, Any]], extra: int = 
     budgets, skipped, per_budget = [], [], {}
     ordinary_correct = [bool(r["correct"]) for r in ordinary]
     for j in range(largest + extra + 1):
-        prompts = [latent_prompt(t, j, subject.spec) for t in subject.tokens]
+        prompts = [prompt_with_latents(t, j, subject.spec) for t in subject.tokens]
         longest = max(len(p["input_ids"]) for p in prompts)
         if limit is not None and longest + subject.max_new_tokens > limit:
             skipped.append(f"j={j}: a prompt of {longest} tokens + max_new_tokens {subject.max_new_tokens} exceeds "

@@ -80,16 +80,6 @@ class Subject:
             else [0] * len(self.tokens)
 
 
-def latent_prompt(example: TokenizedExample, n_latent: int, spec: CurriculumSpec) -> Features:
-    """A generation prompt with exactly ``n_latent`` latent tokens, laid out as the curriculum's
-    :func:`~noblankslate.data.curriculum.prompt_features` lays out its prompts (question, then
-    ``<|start-latent|>``, the latent tokens, ``<|end-latent|>``); ``n_latent = 0`` keeps both markers."""
-    block = [spec.latent_id] * n_latent
-    tokens = [*example.question_ids, *([spec.start_id, *block, spec.end_id] if spec.use_markers else block)]
-    return {"input_ids": tokens, "idx": example.idx, "attention_mask": [1] * len(tokens),
-            "position_ids": list(range(len(tokens)))}
-
-
 def generate(subject: Subject, prompts: Sequence[Features], controller: ControllerFactory | None = None,
              keep_thoughts: bool = False) -> list[dict[str, Any]]:
     """Greedy generation of every prompt; the evaluation's records, in the order of ``prompts``.

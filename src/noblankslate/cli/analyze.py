@@ -13,6 +13,7 @@ def analyze(config_path: str, overrides: list[str], checkpoint: str | None, data
     from noblankslate.analysis.run import REPORT_FILE, side_by_side
     from noblankslate.analysis.run import analyze as run_analysis
     from noblankslate.config import load_config
+    from noblankslate.files import write_text_atomic
     from noblankslate.train.checkpoint import latest_checkpoint
 
     config = load_config(config_path, overrides)
@@ -30,7 +31,7 @@ def analyze(config_path: str, overrides: list[str], checkpoint: str | None, data
     if beside:
         others = [json.loads(Path(path).read_text(encoding="utf-8")) for path in beside]
         table = side_by_side([report, *others])
-        (folder / "side_by_side.md").write_text(table + "\n", encoding="utf-8")
+        write_text_atomic(folder / "side_by_side.md", table + "\n")
         print(table)
     return 0
 

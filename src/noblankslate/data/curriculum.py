@@ -202,7 +202,14 @@ def prompt_latent_count(n_steps: int, stage: int, spec: CurriculumSpec) -> int:
 
 def prompt_features(example: TokenizedExample, stage: int, spec: CurriculumSpec) -> Features:
     """One generation prompt: the question and the latent block, ending after ``<|end-latent|>``."""
-    tokens = [*example.question_ids, *_latent_block(spec, prompt_latent_count(example.n_steps, stage, spec))]
+    return prompt_with_latents(example, prompt_latent_count(example.n_steps, stage, spec), spec)
+
+
+def prompt_with_latents(example: TokenizedExample, n_latent: int, spec: CurriculumSpec) -> Features:
+    """A generation prompt with exactly ``n_latent`` latent tokens, whatever the example's chain, laid out as
+    every prompt is (the question, then ``<|start-latent|>``, the latent tokens, ``<|end-latent|>``; with
+    ``n_latent = 0`` the two markers remain). The thinking-budget analysis and ``--num-thoughts`` use it."""
+    tokens = [*example.question_ids, *_latent_block(spec, n_latent)]
     return {
         "input_ids": tokens,
         "idx": example.idx,

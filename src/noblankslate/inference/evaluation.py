@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
-from noblankslate.data.curriculum import prompt_features, prompt_view
+from noblankslate.data.curriculum import (
+    prompt_view,
+    prompt_with_latents,
+)
 from noblankslate.data.schema import DataError, Example, RecordProblem, load_examples
 from noblankslate.data.tokenize import tokenize_examples
 from noblankslate.eval.answers import normalize_answer
@@ -120,8 +123,8 @@ def evaluate_file(
     if num_thoughts is None:
         prompts = prompt_view(tokens, thinking.stage, thinking.spec)
     else:
-        spec, stage = thinking.fixed_thoughts_spec(num_thoughts)
-        prompts = [prompt_features(t, stage, spec) for t in tokens]
+        count = thinking.check_num_thoughts(num_thoughts)
+        prompts = [prompt_with_latents(t, count, thinking.spec) for t in tokens]
     budget = thinking.max_new_tokens if max_new_tokens is None else max_new_tokens
     if budget < 1:
         raise InferenceError(f"max_new_tokens must be >= 1, got {budget}")

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from noblankslate.config import METHOD_FLAGS, Config, ConfigError, config_from_dict, load_config
+from noblankslate.config import (
+    METHOD_FLAGS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+)
 from noblankslate.data.curriculum import CurriculumSpec, scheduled_stage
 from noblankslate.inference.model import ThinkingModel
 from noblankslate.model.checkpoint_files import (

@@ -10,7 +10,7 @@ no_thoughts) get the question alone. Batches are laid out by the training collat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from noblankslate.data.collator import LatentCollator
-from noblankslate.data.curriculum import CurriculumSpec, prompt_features, prompt_latent_count
+from noblankslate.data.curriculum import (
+    CurriculumSpec,
+    prompt_latent_count,
+    prompt_with_latents,
+)
 from noblankslate.data.tokenize import TokenizedExample
 from noblankslate.errors import NbsError
 from noblankslate.eval.answers import extract_answer
@@ -104,24 +108,20 @@ class ThinkingModel:
     def collator(self) -> LatentCollator:
         return LatentCollator(pad_token_id=self.tokenizer.pad_token_id, latent_id=self.spec.latent_id)
 
-    def fixed_thoughts_spec(self, num_thoughts: int) -> tuple[CurriculumSpec, int]:
-        """A spec and stage whose prompts hold exactly ``num_thoughts`` latent tokens, whatever the chain.
-
-        The curriculum with one latent token per stage, padded to its last thought stage, is that
-        layout; so the prompt comes from the same code as evaluation's, markers included.
-        """
+    def check_num_thoughts(self, num_thoughts: int) -> int:
+        """``num_thoughts`` if the model has room for that many latent tokens (0 always), else an error."""
         if num_thoughts < 0:
             raise InferenceError(f"num_thoughts must be >= 0, got {num_thoughts}")
         if num_thoughts > 0 and not (self.spec.use_markers and self.spec.c_thought > 0):
             raise InferenceError(f"num_thoughts={num_thoughts}: a {self.variant} model was trained without "
                                  "latent tokens; it answers with 0 thoughts")
-        return replace(self.spec, c_thought=1, max_latent_stage=num_thoughts, pad_latent_to_max=True), num_thoughts
+        return num_thoughts
 
     def prompt_ids(self, question_ids: Sequence[int], num_thoughts: int | None = None) -> list[int]:
         """Token ids of one prompt: the question's ids, then the latent block of ``num_thoughts`` thoughts
-        (default: :attr:`num_thoughts`)."""
-        spec, stage = self.fixed_thoughts_spec(self.num_thoughts if num_thoughts is None else num_thoughts)
-        return prompt_features(TokenizedExample(0, tuple(question_ids), (), ()), stage, spec)["input_ids"]
+        (default: :attr:`num_thoughts`), laid out by the curriculum's own prompt code."""
+        count = self.check_num_thoughts(self.num_thoughts if num_thoughts is None else num_thoughts)
+        return prompt_with_latents(TokenizedExample(0, tuple(question_ids), (), ()), count, self.spec)["input_ids"]
 
     @torch.no_grad()
     def answer(
