@@ -323,3 +323,16 @@ def test_a_stray_file_with_a_checkpoints_name_is_refused_before_any_work(tmp_pat
         save_checkpoint(run_dir, 2, model_state={"w": torch.ones(1)}, optimizer_state=None, rng_state=None,
                         train_state=TrainState(epoch=1, stage=0, global_step=0), config=Config(coconut=True))
     assert (run_dir / "checkpoint_2").read_text() == "notes"
+
+
+def test_the_trained_stage_comes_from_the_state_else_from_the_schedule_of_the_epoch_it_ends():
+    """One reader for analysis and inference: the recorded stage wins; an older state.json without it gets
+    the stage of the epoch it ends (epoch checkpoint) or is in (mid-epoch checkpoint)."""
+    from noblankslate.config import Config
+    from noblankslate.model.checkpoint_files import trained_stage
+
+    config = Config(coconut=True, epochs_per_stage=2, max_latent_stage=3, num_epochs=10)
+    assert trained_stage({"epoch": 4, "train_state": {"stage": 1}}, config) == 1
+    assert trained_stage({"epoch": 4, "train_state": {}}, config) == 1  # ends epoch 4 (index 3): stage 1
+    assert trained_stage({"epoch": 4, "train_state": {"step_in_epoch": 5}}, config) == 2  # inside epoch 5
+    assert trained_stage({"epoch": 9}, config) == 4  # past max_latent_stage

@@ -84,3 +84,19 @@ def test_train_command_reports_config_errors_before_any_work(tmp_path, capsys):
     path.write_text("coconut: true\nlearning_rate: 0.1\n")
     assert main(["train", str(path)]) == 2
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_a_gpt2_from_scratch_uses_the_fused_tanh_gelu_which_computes_gelu_new():
+    """The scratch GPT-2 swaps gelu_new's eight elementwise ops for one kernel: same function, same logits
+    up to rounding, so runs built before and after the swap load and answer alike."""
+    config = config_from_dict({"coconut": True, "model_config": {"arch": "gpt2", "n_layer": 2, "n_embd": 32,
+                                                                "n_head": 2, "tokenizer": "word"}})
+    tokenizer = build_tokenizer(config, lambda: ["Every wumpus is a yumpus.\n", "### Tom is a yumpus."])
+    base = build_model(config, tokenizer).model.base_causallm.eval()
+    assert base.config.activation_function == "gelu_pytorch_tanh"
+    reference = GPT2LMHeadModel(GPT2Config(**{**base.config.to_dict(), "activation_function": "gelu_new"})).eval()
+    reference.load_state_dict(base.state_dict())
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused, plain = base(input_ids=ids).logits, reference(input_ids=ids).logits
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)

@@ -40,6 +40,7 @@ from noblankslate.model.checkpoint_files import (
     STATE_FILE,
     CheckpointError,
     latest_checkpoint,
+    trained_stage,
     verify_checkpoint_files,
 )
 from noblankslate.model.weights import MODEL_FILE
@@ -150,17 +151,14 @@ def _load_checkpoint(folder: Path) -> ThinkingModel:
         config = config_from_dict(raw)
     except ConfigError as error:
         raise ConfigError(f"{folder / CONFIG_FILE}: {error}") from None
-    train_state = state.get("train_state", {})
     epoch = int(state.get("epoch", 0))
-    stage = train_state.get("stage")
-    if stage is None:  # the stage of the epoch the checkpoint ends (or, mid-epoch, is in)
-        stage = scheduled_stage(config, max(epoch - 1, 0) if not train_state.get("step_in_epoch") else epoch)
+    stage = trained_stage(state, config)
 
     def no_texts():
         raise CheckpointError(f"{folder}: no tokenizer/ folder; the checkpoint cannot be read without its tokenizer")
 
     model, tokenizer = _build(config, folder, no_texts)
-    return _thinking(model, tokenizer, config, int(stage), folder, epoch, raw)
+    return _thinking(model, tokenizer, config, stage, folder, epoch, raw)
 
 
 def _load_weights_file(file: Path, config: Config) -> ThinkingModel:

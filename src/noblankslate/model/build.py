@@ -106,6 +106,9 @@ def _scratch_model(shape: ModelConfig, vocab_size: int, eos_id: int) -> PreTrain
             vocab_size=vocab_size, n_positions=shape.max_positions, n_embd=shape.n_embd, n_layer=shape.n_layer,
             n_head=shape.n_head, resid_pdrop=shape.dropout, embd_pdrop=shape.dropout, attn_pdrop=shape.dropout,
             bos_token_id=eos_id, eos_token_id=eos_id,
+            # The same tanh-approximated GELU as GPT-2's "gelu_new", as one fused kernel instead of eight
+            # elementwise ops (about 10% of a CPU training step of the demo's model; values agree to ~1e-7).
+            activation_function="gelu_pytorch_tanh",
         )
         return transformers.GPT2LMHeadModel(config)
     common = dict(

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from noblankslate.config import Config
+from noblankslate.data.curriculum import scheduled_stage
 from noblankslate.errors import NbsError
 from noblankslate.model.weights import MODEL_FILE
 
@@ -109,3 +111,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The highest-epoch complete checkpoint of a run, or None (temporary and incomplete folders are skipped)."""
     checkpoints = list_checkpoints(run_dir, with_steps=True)
     return checkpoints[-1][1] if checkpoints else None
+
+
+def trained_stage(state: dict[str, Any], config: Config) -> int:
+    """The curriculum stage a checkpoint's model was trained at, from its parsed ``state.json``.
+
+    Checkpoints record it (``train_state.stage``); for older ones without it, the stage of the epoch the
+    checkpoint ends (or, for a mid-epoch checkpoint, is in) under ``config``'s schedule.
+    """
+    train_state = state.get("train_state", {})
+    stage = train_state.get("stage")
+    if isinstance(stage, int):
+        return stage
+    epoch = int(state.get("epoch", 0))
+    return scheduled_stage(config, epoch if train_state.get("step_in_epoch") else max(epoch - 1, 0))
