@@ -39,6 +39,7 @@ from noblankslate.model.checkpoint_files import (
     CONFIG_FILE,
     STATE_FILE,
     CheckpointError,
+    checkpoint_position,
     latest_checkpoint,
     verify_checkpoint_files,
 )
@@ -150,11 +151,7 @@ def _load_checkpoint(folder: Path) -> ThinkingModel:
         config = config_from_dict(raw)
     except ConfigError as error:
         raise ConfigError(f"{folder / CONFIG_FILE}: {error}") from None
-    train_state = state.get("train_state", {})
-    epoch = int(state.get("epoch", 0))
-    stage = train_state.get("stage")
-    if stage is None:  # the stage of the epoch the checkpoint ends (or, mid-epoch, is in)
-        stage = scheduled_stage(config, max(epoch - 1, 0) if not train_state.get("step_in_epoch") else epoch)
+    epoch, stage = checkpoint_position(state, config)
 
     def no_texts():
         raise CheckpointError(f"{folder}: no tokenizer/ folder; the checkpoint cannot be read without its tokenizer")

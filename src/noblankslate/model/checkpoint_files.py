@@ -11,10 +11,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from noblankslate.data.curriculum import scheduled_stage
 from noblankslate.errors import NbsError
 from noblankslate.model.weights import MODEL_FILE
+
+if TYPE_CHECKING:
+    from noblankslate.config import Config
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
@@ -109,3 +113,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The highest-epoch complete checkpoint of a run, or None (temporary and incomplete folders are skipped)."""
     checkpoints = list_checkpoints(run_dir, with_steps=True)
     return checkpoints[-1][1] if checkpoints else None
+
+
+def checkpoint_position(state: dict[str, Any], config: Config) -> tuple[int, int]:
+    """(epochs done, stage) of a checkpoint from its parsed ``state.json``: the stage it recorded, or for
+    older checkpoints the stage of the epoch it ends (or, mid-epoch, is in). Every entry point that
+    evaluates a checkpoint at its own stage (inference, ``nbs memory build --evaluate``) reads it here, so
+    they evaluate where training did."""
+    train_state = state.get("train_state", {})
+    epoch = int(state.get("epoch", 0))
+    stage = train_state.get("stage")
+    if stage is None:
+        stage = scheduled_stage(config, max(epoch - 1, 0) if not train_state.get("step_in_epoch") else epoch)
+    return epoch, int(stage)
