@@ -253,6 +253,10 @@ class Trainer:
             saved = (saved_gate(config.load_model_path, config, hidden) if resume_from is None and config.load_model_path
                      else None)
             self.gate = (saved if saved is not None else MemoryGate(hidden, gate_steps(config))).to(context.device)
+        if self.contrastive is not None:
+            self.parallel.outside[ContrastiveObjective.HEADS] = self.contrastive.heads
+        if self.gate is not None:
+            self.parallel.outside[GATE_STATE] = self.gate
         self.optimizer = self._new_optimizer()
         per_rank = math.ceil(len(self.setup.train_tokens) / context.world_size)
         steps_per_epoch = math.ceil(math.ceil(per_rank / config.batch_size_training) / config.gradient_accumulation_steps)
