@@ -147,6 +147,18 @@ def tiny_config(tmp_path: Path, data: tuple[Path, Path], **overrides) -> dict:
     return raw
 
 
+def memory_metrics_without_timings(metrics: dict) -> dict:
+    """A ``retrieval_metrics_epoch_{E}.json`` dict without what depends on the clock or on where the memory
+    was written, so two evaluations of one model with one memory compare equal (``==``) on everything else."""
+    out = json.loads(json.dumps(metrics))
+    out.pop("time", None)
+    out["index"].pop("path", None)
+    out["index"].get("build", {}).pop("seconds", None)
+    for key in [k for k in out["exit"] if "seconds" in k or k.startswith("wall_clock")]:
+        del out["exit"][key]
+    return out
+
+
 # One trained run for the inference and export tests
 
 _RUNS: dict[tuple, Path] = {}

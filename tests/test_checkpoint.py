@@ -325,14 +325,14 @@ def test_a_stray_file_with_a_checkpoints_name_is_refused_before_any_work(tmp_pat
     assert (run_dir / "checkpoint_2").read_text() == "notes"
 
 
-def test_the_trained_stage_comes_from_the_state_else_from_the_schedule_of_the_epoch_it_ends():
+def test_a_checkpoints_stage_comes_from_the_state_else_from_the_schedule_of_the_epoch_it_ends():
     """One reader for analysis and inference: the recorded stage wins; an older state.json without it gets
     the stage of the epoch it ends (epoch checkpoint) or is in (mid-epoch checkpoint)."""
     from noblankslate.config import Config
-    from noblankslate.model.checkpoint_files import trained_stage
+    from noblankslate.model.checkpoint_files import checkpoint_position
 
     config = Config(coconut=True, epochs_per_stage=2, max_latent_stage=3, num_epochs=10)
-    assert trained_stage({"epoch": 4, "train_state": {"stage": 1}}, config) == 1
-    assert trained_stage({"epoch": 4, "train_state": {}}, config) == 1  # ends epoch 4 (index 3): stage 1
-    assert trained_stage({"epoch": 4, "train_state": {"step_in_epoch": 5}}, config) == 2  # inside epoch 5
-    assert trained_stage({"epoch": 9}, config) == 4  # past max_latent_stage
+    assert checkpoint_position({"epoch": 4, "train_state": {"stage": 1}}, config)[1] == 1
+    assert checkpoint_position({"epoch": 4, "train_state": {}}, config)[1] == 1  # ends epoch 4 (index 3): stage 1
+    assert checkpoint_position({"epoch": 4, "train_state": {"step_in_epoch": 5}}, config)[1] == 2  # inside epoch 5
+    assert checkpoint_position({"epoch": 9}, config)[1] == 4  # past max_latent_stage

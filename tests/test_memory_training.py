@@ -1,10 +1,13 @@
 """training.memory_in_training: the gate starts as no memory, a row never reads its own example, dropout 1
-is memory off, the gate learns, is saved and resumes exactly, evaluation computes what training does."""
+is memory off, the gate learns, is saved and resumes exactly (after an epoch and mid-epoch), evaluation
+computes what training does, ``nbs memory build --evaluate`` and the sweep read a checkpoint through its
+gate, and two DDP or FSDP processes train the gate as one."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CPU, MODEL_FACTORIES, ragged_batch, run_script, tiny_config, wrap
+from helpers import (
+    CPU,
+    MODEL_FACTORIES,
+    memory_metrics_without_timings,
+    ragged_batch,
+    run_script,
+    tiny_config,
+    wrap,
+)
 from test_generate import pad, prompt
 
 from noblankslate.config import (
@@ -27,7 +38,7 @@ from noblankslate.memory.calibration import make_calibrator
 from noblankslate.memory.controller import MemoryParts
 from noblankslate.memory.gate import GATE_STATE, GatedMemoryController, MemoryGate
 from noblankslate.memory.store import LatentMemory
-from noblankslate.train.checkpoint import load_checkpoint
+from noblankslate.train.checkpoint import latest_checkpoint, load_checkpoint
 from noblankslate.train.loop import train
 from noblankslate.train.track import read_metrics
 
@@ -224,9 +235,13 @@ def test_the_option_is_checked_with_the_key_named(tmp_path, tiny_data, overrides
         config_from_dict(tiny_config(tmp_path, tiny_data, **overrides))
 
 
-def test_two_processes_train_the_gate_as_one(tmp_path):
-    """DDP (gloo, torchrun): the gate sits outside the wrapper, so its gradients are averaged explicitly; with
-    no dropout, two ranks of 4 rows train model and gate as one process with batches of 8."""
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_the_gate_as_one(tmp_path, parallel):
+    """DDP or FSDP (gloo, torchrun): the gate sits outside the wrapper, so its gradients are averaged
+    explicitly; with no dropout, two ranks of 4 rows train model and gate as one process with batches of 8.
+    The two-process run stops after epoch 2 and resumes (the optimizer state holds the gate's, which FSDP
+    must name), and the memory it reads is the one a single process finds for the same weights."""
 
     import yaml
 
@@ -239,19 +254,168 @@ def test_two_processes_train_the_gate_as_one(tmp_path):
         "save_path": str(tmp_path / "runs"), "coconut": True, "c_thought": 1, "epochs_per_stage": 1,
         "max_latent_stage": 2, "pad_latent_to_max": True, "train_path": str(tmp_path / "train.json"),
         "val_path": str(tmp_path / "valid.json"), "num_epochs": 3, "lr": 1e-3, "max_new_tokens": 6,
-        "parallel": "ddp", "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
+        "parallel": parallel, "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
         "retrieval": {"enabled": True, "correct_only": False, "sim_threshold": -1.0, "key_dim": 8},
         "training": {"memory_in_training": True, "memory_dropout": 0.0},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
-    for name, processes in (("two", 2), ("one", 1)):
-        run_script(path, f"name={name}", f"batch_size_training={8 // processes}", f"index.path={tmp_path / name / 'index.bin'}",
-                   processes=processes)
+    two = ("name=two", "batch_size_training=4", f"index.path={tmp_path / 'two' / 'index.bin'}")
+    run_script(path, *two, "num_epochs=2", processes=2)
+    run_script(path, *two, processes=2)  # resumes from checkpoint_2
+    run_script(path, "name=one", "batch_size_training=8", f"index.path={tmp_path / 'one' / 'index.bin'}")
     steps = {name: [r for r in read_metrics(tmp_path / "runs" / name) if r["event"] == "step"] for name in ("one", "two")}
+    assert len(steps["two"]) == len(steps["one"]) == 18
     assert [r["train_loss"] for r in steps["two"]] == pytest.approx([r["train_loss"] for r in steps["one"]], rel=1e-5)
-    assert all(r["memory_rows"] == 1.0 for r in steps["one"] if r["stage"] > 0)
+    assert all(r["memory_rows"] == 1.0 for name in ("one", "two") for r in steps[name] if r["stage"] > 0)
     gates = {name: load_checkpoint(tmp_path / "runs" / name / "checkpoint_3").extra_states[GATE_STATE] for name in ("one", "two")}
     assert (gates["one"]["amplitude"] != 0).all()
     for key in gates["one"]:
         torch.testing.assert_close(gates["two"][key], gates["one"][key], rtol=1e-4, atol=1e-6)
+    # the memory epoch 3 read was built by the two processes' epoch-2 model: its fingerprint is that model's
+    two_dir = tmp_path / "runs" / "two"
+    model_two = setup_run(config_from_dict({**raw, "parallel": "auto"}), weights_from=two_dir / "checkpoint_2").model
+    assert load_checkpoint(two_dir / "checkpoint_2").train_state.training_memory == model_fingerprint(model_two)
+    metrics = {name: json.loads((tmp_path / "runs" / name / "retrieval_metrics_epoch_3.json").read_text())
+               for name in ("one", "two")}
+    assert metrics["two"]["nudge"]["kind"] == "gate" and metrics["two"]["items"] == 13
+    assert metrics["two"]["nudge"]["mean_alpha"] == pytest.approx(metrics["one"]["nudge"]["mean_alpha"], rel=1e-3)
+
+
+def test_a_mid_epoch_resume_is_bit_exact_with_the_memory_file_and_says_it_is_not_without(tmp_path, tiny_data,
+                                                                                       monkeypatch, capsys):
+    """A run killed after a ``save_every_steps`` checkpoint in a latent epoch resumes from it. With the memory
+    file at ``index.path`` (the one the interrupted epoch was reading) it ends with the weights and gate of
+    the run that was never stopped; with the file gone the memory is rebuilt by the resumed model, which
+    is not the one that built it, and the run says so (docs/memory.md, Resume)."""
+    from noblankslate.train import loop
+
+    raw = {**run_config(tmp_path, tiny_data, "straight", memory_in_training=True, memory_dropout=0.25),
+           "save_every_steps": 3}
+    train(config_from_dict(raw), CPU)
+    straight = load_checkpoint(tmp_path / "runs" / "straight" / "checkpoint_3")
+    original = loop.Trainer._forward_sum
+
+    class Killed(Exception):
+        pass
+
+    def killed_in_step_11(self, batch):  # epoch 2 (stage 1, reading the memory), after checkpoint_1_step_3
+        if self.global_step == 10:
+            raise Killed
+        return original(self, batch)
+
+    finals = {}
+    for name in ("kept", "lost"):
+        config = config_from_dict({**raw, "name": name, "index": {"path": str(tmp_path / name / "index.bin")}})
+        run_dir = tmp_path / "runs" / name
+        monkeypatch.setattr(loop.Trainer, "_forward_sum", killed_in_step_11)
+        with pytest.raises(Killed):
+            train(config, CPU)
+        monkeypatch.setattr(loop.Trainer, "_forward_sum", original)
+        assert latest_checkpoint(run_dir).name == "checkpoint_1_step_3"
+        assert load_checkpoint(run_dir / "checkpoint_1_step_3").train_state.training_memory is not None
+        if name == "lost":
+            shutil.rmtree(tmp_path / name)  # the memory files
+        capsys.readouterr()
+        train(config, CPU)
+        out = capsys.readouterr().out
+        finals[name] = final = load_checkpoint(run_dir / "checkpoint_3")
+        if name == "kept":
+            for key in straight.model_state:
+                assert torch.equal(final.model_state[key], straight.model_state[key]), key
+            for key, value in straight.extra_states[GATE_STATE].items():
+                assert torch.equal(final.extra_states[GATE_STATE][key], value), key
+            assert "is not at" not in out
+        else:
+            assert "the memory its run was reading is not at" in out
+            assert "not exact: the resumed model is not the one that built it" in out
+    assert (straight.extra_states[GATE_STATE]["amplitude"] != 0).all()
+    # the rebuilt memory is another one: what the gate learned from it differs
+    assert not torch.equal(finals["lost"].extra_states[GATE_STATE]["amplitude"], straight.extra_states[GATE_STATE]["amplitude"])
+
+
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory, tiny_data):
+    """A 3-epoch run trained with the option (its gate saved with every checkpoint) and its config file."""
+    folder = tmp_path_factory.mktemp("gated")
+    raw = run_config(folder, tiny_data, "gated", memory_in_training=True, memory_dropout=0.25)
+    train(config_from_dict(raw), CPU)
+    config_file = folder / "gated.yaml"
+    config_file.write_text(json.dumps(raw))  # JSON is YAML
+    return folder / "runs" / "gated", config_file
+
+
+def test_memory_build_evaluates_a_gated_checkpoint_through_its_gate_as_training_did(gated_run, tmp_path, capsys):
+    from noblankslate.cli import main
+
+    run_dir, config_file = gated_run
+    out = tmp_path / "metrics.json"
+    assert main(["memory", "build", "--evaluate", "--metrics-out", str(out), str(config_file),
+                 f"load_model_path={run_dir / 'checkpoint_3'}", f"index.path={tmp_path / 'built' / 'index.bin'}"]) == 0
+    assert "nudge: gate" in capsys.readouterr().out
+    built = json.loads(out.read_text())
+    trained = json.loads((run_dir / "retrieval_metrics_epoch_3.json").read_text())
+    assert built["nudge"]["kind"] == trained["nudge"]["kind"] == "gate"
+    assert (built["epoch"], built["stage"], built["items"]) == (3, 2, 12)  # at the checkpoint's stage
+    # the same memory, read the same way: every number but the clock's is the training run's
+    assert memory_metrics_without_timings(built) == memory_metrics_without_timings(trained)
+    assert built["nudge"]["mean_alpha"] != 0  # the gate's mean (the fixed nudge's would be alpha_max x confidence)
+
+
+def test_memory_build_evaluates_a_checkpoint_without_a_gate_with_the_fixed_nudge(tmp_path, tiny_data, capsys):
+    from noblankslate.cli import main
+
+    raw = run_config(tmp_path, tiny_data, "plain")
+    train(config_from_dict({**raw, "num_epochs": 2}), CPU)
+    run_dir = tmp_path / "runs" / "plain"
+    config_file = tmp_path / "plain.yaml"
+    config_file.write_text(json.dumps(raw))
+    out = tmp_path / "metrics.json"
+    assert main(["memory", "build", "--evaluate", "--metrics-out", str(out), str(config_file),
+                 f"load_model_path={run_dir / 'checkpoint_2'}", f"index.path={tmp_path / 'built' / 'index.bin'}"]) == 0
+    assert "nudge: fixed" in capsys.readouterr().out
+    built = json.loads(out.read_text())
+    trained = json.loads((run_dir / "retrieval_metrics_epoch_2.json").read_text())
+    assert built["nudge"]["kind"] == "fixed" and (built["epoch"], built["stage"]) == (2, 1)
+    assert memory_metrics_without_timings(built) == memory_metrics_without_timings(trained)
+    # without --evaluate it only builds, as before; --metrics-out alone is refused
+    assert main(["memory", "build", str(config_file), f"load_model_path={run_dir / 'checkpoint_2'}",
+                 f"index.path={tmp_path / 'again' / 'index.bin'}"]) == 0
+    assert '"nudge"' not in capsys.readouterr().out
+    assert main(["memory", "build", "--metrics-out", str(out), str(config_file),
+                 f"load_model_path={run_dir / 'checkpoint_2'}"]) == 2
+    assert "--metrics-out needs --evaluate" in capsys.readouterr().err
+
+
+def test_a_gate_of_another_shape_is_refused_naming_the_file(tmp_path):
+    from noblankslate.memory.gate import GateFileError, saved_gate
+    from noblankslate.model.weights import save_state_dict
+
+    save_state_dict(MemoryGate(32, 3).state_dict(), tmp_path / f"{GATE_STATE}.safetensors")
+    config = config_from_dict(tiny_config(tmp_path, (tmp_path / "t.json", tmp_path / "v.json")))  # 2 thought steps
+    assert saved_gate(tmp_path).steps == 3
+    assert saved_gate(tmp_path / "elsewhere") is None
+    with pytest.raises(GateFileError, match=r"memory_gate\.safetensors: a gate for thoughts of size 32 and 3 thought"):
+        saved_gate(tmp_path, config, 32)
+    with pytest.raises(GateFileError, match=r"this run has size 64 and 2"):
+        saved_gate(tmp_path, config, 64)
+
+
+@pytest.mark.slow
+def test_the_sweep_reads_a_gated_checkpoint_through_its_gate_and_sweeps_only_the_exit(gated_run, tmp_path):
+    run_dir, config_file = gated_run
+    out = tmp_path / "sweep.json"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "memory_sweep.py"
+    done = subprocess.run([sys.executable, str(tool), str(config_file), f"index.path={tmp_path / 'sweep' / 'index.bin'}",
+                           "--checkpoint", str(run_dir / "checkpoint_3"), "--tune", "12", "--alphas", "0", "0.5",
+                           "--thresholds", "off", "0.5", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["nudge"]["kind"] == "gate" and "not swept" in result["nudge"]["alpha_max"]
+    assert len(result["tuning"]) == 2  # no exit and probe >= 0.5, once: the two alphas do not apply
+    assert all(m["setting"]["alpha_max"] is None and m["nudge"]["kind"] == "gate" for m in result["tuning"])
+    kinds = {name: m["nudge"]["kind"] for name, m in result["validation"].items()}
+    assert kinds == {"chosen": "gate", "control: random entries": "gate", "control: shuffled neighbours": "gate",
+                     "control: full replacement": "fixed"}
+    assert "nudge: gate" in done.stdout and "\ntune   gate T=1" in done.stdout

@@ -15,6 +15,13 @@
    the exit probe's calibration, and three controls at the chosen alpha: a memory of random entries with
    the real norms, shuffled neighbours, and full replacement (alpha 1, no norm matching).
 
+A checkpoint trained with ``training.memory_in_training`` has a learned gate saved beside it
+(``memory_gate.safetensors``): the memory is then read through that gate, as in training and in the run's
+own evaluation. The gate sets each thought's step itself, so ``--alphas`` does not apply and is not swept
+(the output says so: ``nudge``); only the exit settings (and temperatures) are, and the random-entries and
+shuffled-neighbours controls go through the gate too (full replacement is alpha 1 by definition, the
+fixed nudge). Every result records which nudge it used (``nudge.kind``: "gate" or "fixed").
+
 Every printed row says which split its numbers come from.
 """
 
@@ -34,9 +41,19 @@ from noblankslate.data.curriculum import prompt_view
 from noblankslate.eval.evaluate import evaluate_generation
 from noblankslate.eval.setup import setup_run
 from noblankslate.memory.builder import build_memory, saved_key_head
-from noblankslate.memory.controller import MemoryController
-from noblankslate.memory.controls import ShuffledNeighbours, full_replacement, random_memory
+from noblankslate.memory.controls import (
+    full_replacement,
+    random_memory,
+    shuffled_neighbours,
+)
 from noblankslate.memory.evaluation import exit_calibration
+from noblankslate.memory.gate import (
+    NUDGE_FIXED,
+    NUDGE_GATE,
+    memory_controller,
+    nudge_kind,
+    saved_gate,
+)
 from noblankslate.memory.metrics import retrieval_metrics
 from noblankslate.runtime import distributed_context, print0
 
@@ -65,7 +82,8 @@ def main() -> int:
     parser.add_argument("config")
     parser.add_argument("--checkpoint", required=True, help="the trained model (a checkpoint folder)")
     parser.add_argument("--tune", type=int, default=300, help="tuning examples held out of the memory's data")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.5])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.5],
+                        help="alpha_max values of the fixed nudge (not used with a checkpoint's learned gate)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
     parser.add_argument("--thresholds", nargs="+", default=["off", "0.9", "0.95", "0.99"])
     parser.add_argument("--metrics", nargs="+", default=["probe"], choices=["probe", "stability", "neighbors"])
@@ -83,6 +101,13 @@ def main() -> int:
         setup = setup_run(config)
         stage = config.max_latent_stage + 1
         model = setup.model.to(context.device)
+        gate = saved_gate(args.checkpoint, config, model.base_causallm.config.hidden_size, context.device)
+        if gate is not None:
+            nudge_note = {"kind": NUDGE_GATE, "alpha_max": "not swept: the checkpoint's learned gate sets each "
+                          "thought's step (--alphas does not apply); only the exit settings are swept"}
+        else:
+            nudge_note = {"kind": NUDGE_FIXED, "alpha_max": f"swept over {args.alphas}"}
+        print0(f"nudge: {nudge_note['kind']} ({nudge_note['alpha_max']})")
         order = np.random.default_rng(config.seed + 7).permutation(len(setup.memory_examples))
         if args.tune >= len(order):
             raise SystemExit(f"--tune {args.tune} leaves no example to build the memory from ({len(order)} in all)")
@@ -108,26 +133,31 @@ def main() -> int:
                 return result, time.perf_counter() - began
             return run
 
-        def compare(run, off, parts, retrieval, nudge):
-            full, full_seconds = run(MemoryController(parts, retrieval, dataclasses.replace(nudge, exit_threshold=None)))
+        def compare(run, off, parts, retrieval, nudge, gate):
+            """The memory without and with the exit, through ``gate`` (None: the fixed nudge)."""
+            controller = memory_controller(parts, retrieval, nudge, gate, exit_enabled=False)
+            full, full_seconds = run(controller)
             on, on_seconds = (full, full_seconds) if nudge.exit_threshold is None else \
-                run(MemoryController(parts, retrieval, nudge))
-            return retrieval_metrics(off[0], full, on, parts.store.stats(),
-                                     {"off": off[1], "full": full_seconds, "on": on_seconds}, 0, stage)
+                run(memory_controller(parts, retrieval, nudge, gate))
+            m = retrieval_metrics(off[0], full, on, parts.store.stats(),
+                                  {"off": off[1], "full": full_seconds, "on": on_seconds}, 0, stage)
+            m["nudge"]["kind"] = nudge_kind(controller)
+            return m
 
         results = []
         tune_run = evaluator(tune, tune_tokens)
         tune_off = tune_run()
         for temperature in args.temperatures:
             retrieval = dataclasses.replace(config.retrieval, temperature=temperature)
-            for alpha in args.alphas:
+            for alpha in args.alphas if gate is None else [None]:  # None: the gate's own steps
                 for metric in args.metrics:
                     for threshold in args.thresholds:
                         if threshold == "off" and metric != args.metrics[0]:
                             continue
-                        nudge = dataclasses.replace(config.nudge, alpha_max=alpha, exit_metric=metric,
+                        nudge = dataclasses.replace(config.nudge, alpha_max=config.nudge.alpha_max if alpha is None
+                                                    else alpha, exit_metric=metric,
                                                     exit_threshold=None if threshold == "off" else float(threshold))
-                        m = compare(tune_run, tune_off, built.parts, retrieval, nudge)
+                        m = compare(tune_run, tune_off, built.parts, retrieval, nudge, gate)
                         m["split"] = "tune"
                         m["setting"] = {"alpha_max": alpha, "temperature": temperature, "exit_metric": metric,
                                         "exit_threshold": nudge.exit_threshold}
@@ -135,22 +165,24 @@ def main() -> int:
         chosen = choose(results, args.max_loss)
         setting = chosen["setting"]
         retrieval = dataclasses.replace(config.retrieval, temperature=setting["temperature"])
-        nudge = dataclasses.replace(config.nudge, alpha_max=setting["alpha_max"], exit_metric=setting["exit_metric"],
+        nudge = dataclasses.replace(config.nudge, alpha_max=config.nudge.alpha_max if setting["alpha_max"] is None
+                                    else setting["alpha_max"], exit_metric=setting["exit_metric"],
                                     exit_threshold=setting["exit_threshold"])
 
         val_run = evaluator(setup.val, setup.val_tokens)
         val_off = val_run()
-        report = {"chosen": compare(val_run, val_off, built.parts, retrieval, nudge)}
+        report = {"chosen": compare(val_run, val_off, built.parts, retrieval, nudge, gate)}
         plain_nudge = dataclasses.replace(nudge, exit_threshold=None)
         report["control: random entries"] = compare(val_run, val_off, random_memory(built.parts, seed=config.seed),
-                                                    retrieval, plain_nudge)
-        shuffled = ShuffledNeighbours(built.parts, retrieval, plain_nudge, seed=config.seed)
+                                                    retrieval, plain_nudge, gate)
+        shuffled = shuffled_neighbours(built.parts, retrieval, plain_nudge, gate, seed=config.seed)
         shuffled_eval, shuffled_seconds = val_run(shuffled)
         report["control: shuffled neighbours"] = retrieval_metrics(
             val_off[0], shuffled_eval, shuffled_eval, built.parts.store.stats(),
             {"off": val_off[1], "full": shuffled_seconds, "on": shuffled_seconds}, 0, stage)
-        replaced_parts, replaced_nudge = full_replacement(built.parts, nudge)
-        report["control: full replacement"] = compare(val_run, val_off, replaced_parts, retrieval, replaced_nudge)
+        report["control: shuffled neighbours"]["nudge"]["kind"] = nudge_kind(shuffled)
+        replaced_parts, replaced_nudge = full_replacement(built.parts, nudge)  # alpha 1: no gate's choice
+        report["control: full replacement"] = compare(val_run, val_off, replaced_parts, retrieval, replaced_nudge, None)
         for m in report.values():
             m["split"] = "valid"
 
@@ -165,7 +197,7 @@ def main() -> int:
     print(header)
     for m in results:
         s = m["setting"]
-        name = (f"a={s['alpha_max']:g} T={s['temperature']:g} "
+        name = ((f"a={s['alpha_max']:g}" if s["alpha_max"] is not None else "gate") + f" T={s['temperature']:g} "
                 + (f"{s['exit_metric']}>={s['exit_threshold']:g}" if s["exit_threshold"] is not None else "no exit"))
         print(_line("tune", name + (" <- chosen" if m is chosen else ""), m))
     for name, m in report.items():
@@ -175,9 +207,10 @@ def main() -> int:
               f"({calibration['samples']} item x thought samples)")
     print("acc off / on: plain model / with the memory on the same items; diff = on - off; b/c = items right only "
           "with / only without the memory; ECE: retrieval confidence vs right without the memory.")
+    print(f"nudge: {nudge_note['kind']} ({nudge_note['alpha_max']})")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"tuning": results, "chosen_setting": setting, "validation": report,
+            json.dump({"nudge": nudge_note, "tuning": results, "chosen_setting": setting, "validation": report,
                        "exit_calibration": calibration, "tune_examples": len(tune)}, f, indent=1)
     return 0
 

@@ -26,9 +26,13 @@ from noblankslate.data.curriculum import prompt_view, scheduled_stage
 from noblankslate.eval.evaluate import GenerationEval, evaluate_generation
 from noblankslate.eval.paired import paired_comparison
 from noblankslate.eval.setup import setup_run
-from noblankslate.memory.builder import build_memory, load_memory, model_fingerprint, saved_key_head
-from noblankslate.memory.controller import MemoryController
-from noblankslate.memory.gate import GatedMemoryController, saved_gate
+from noblankslate.memory.builder import (
+    build_memory,
+    load_memory,
+    model_fingerprint,
+    saved_key_head,
+)
+from noblankslate.memory.gate import memory_controller, nudge_kind, saved_gate
 from noblankslate.memory.store import MemoryFileError
 from noblankslate.runtime import DistributedContext, distributed_context
 from noblankslate.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -48,12 +52,11 @@ def evaluate_run(run_dir: Path, context: DistributedContext) -> dict[str, Genera
     except MemoryFileError as error:
         print(f"{run_dir}: rebuilding the memory ({error})", flush=True)
         parts = build_memory(model, setup, context, epoch=epoch, key_head=saved_key_head(config)).parts
-    gate = saved_gate(checkpoint)
+    gate = saved_gate(checkpoint, config, model.base_causallm.config.hidden_size, context.device)
     if config.training.memory_in_training and gate is None:
         raise SystemExit(f"{checkpoint}: trained with training.memory_in_training but holds no memory gate")
     nudge = dataclasses.replace(config.nudge, exit_threshold=None)
-    controller = (GatedMemoryController(parts, config.retrieval, nudge, gate.to(context.device), exit_enabled=False)
-                  if gate is not None else MemoryController(parts, config.retrieval, nudge, exit_enabled=False))
+    controller = memory_controller(parts, config.retrieval, nudge, gate, exit_enabled=False)
     prompts = prompt_view(setup.val_tokens, scheduled_stage(config, epoch - 1), setup.spec)
 
     def generate(controller=None) -> GenerationEval:
@@ -62,7 +65,7 @@ def evaluate_run(run_dir: Path, context: DistributedContext) -> dict[str, Genera
                                    max_new_tokens=config.resolved_max_new_tokens, context=context, controller=controller)
 
     print(f"{run_dir}: {checkpoint.name}, {len(parts.store)} memory entries, "
-          f"{'learned gate' if gate is not None else 'fixed nudge'}", flush=True)
+          f"nudge: {nudge_kind(controller)}", flush=True)
     return {"without memory": generate(), "with memory": generate(controller)}
 
 

@@ -27,7 +27,7 @@ from noblankslate.config import Config
 from noblankslate.data.convert import write_json_atomic
 from noblankslate.data.curriculum import scheduled_stage
 from noblankslate.eval.setup import setup_run
-from noblankslate.model.checkpoint_files import STATE_FILE, trained_stage
+from noblankslate.model.checkpoint_files import STATE_FILE, checkpoint_position
 from noblankslate.model.weights import MODEL_FILE
 
 REPORT_FILE = "analysis.json"
@@ -38,7 +38,7 @@ def checkpoint_stage(checkpoint: Path | None, config: Config) -> tuple[int, str]
     """The stage a checkpoint was evaluated at (its ``state.json``), else the run's last scheduled stage."""
     if checkpoint is not None and (checkpoint / STATE_FILE).is_file():
         state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-        return trained_stage(state, config), f"{checkpoint / STATE_FILE}"
+        return checkpoint_position(state, config)[1], f"{checkpoint / STATE_FILE}"
     return scheduled_stage(config, config.num_epochs - 1), "the run's last scheduled stage"
 
 

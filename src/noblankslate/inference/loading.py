@@ -39,8 +39,8 @@ from noblankslate.model.checkpoint_files import (
     CONFIG_FILE,
     STATE_FILE,
     CheckpointError,
+    checkpoint_position,
     latest_checkpoint,
-    trained_stage,
     verify_checkpoint_files,
 )
 from noblankslate.model.weights import MODEL_FILE
@@ -151,14 +151,13 @@ def _load_checkpoint(folder: Path) -> ThinkingModel:
         config = config_from_dict(raw)
     except ConfigError as error:
         raise ConfigError(f"{folder / CONFIG_FILE}: {error}") from None
-    epoch = int(state.get("epoch", 0))
-    stage = trained_stage(state, config)
+    epoch, stage = checkpoint_position(state, config)
 
     def no_texts():
         raise CheckpointError(f"{folder}: no tokenizer/ folder; the checkpoint cannot be read without its tokenizer")
 
     model, tokenizer = _build(config, folder, no_texts)
-    return _thinking(model, tokenizer, config, stage, folder, epoch, raw)
+    return _thinking(model, tokenizer, config, int(stage), folder, epoch, raw)
 
 
 def _load_weights_file(file: Path, config: Config) -> ThinkingModel:

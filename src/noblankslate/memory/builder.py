@@ -79,12 +79,43 @@ def saved_key_head(config) -> LinearKeyMap | None:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the model's weights: a memory is only valid for the model whose thoughts it holds."""
+    """A hash of the model's weights: a memory is only valid for the model whose thoughts it holds.
+
+    The hash runs over ``state_dict()`` by name. A model sharded by FSDP (``fully_shard``) is read
+    without ``state_dict()``, whose FSDP hook would register the sharded parameters again in the middle of
+    :meth:`~noblankslate.train.parallel.ParallelModel.gathered` (generation then fails on them): the same
+    names and tensors are walked module by module (parameters, persistent buffers), and every shard (a
+    DTensor) is gathered, so every rank must call this, and the fingerprint is that of the full weights,
+    the same as the unsharded model's (tested).
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    sharded = isinstance(model, FSDPModule)
+    state = _module_tensors(model) if sharded else model.state_dict()
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        elif sharded:  # FSDP frees a gathered parameter's storage by resizing it, which a numpy view would forbid
+            tensor = tensor.detach().clone()
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _module_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What ``state_dict()`` holds (parameters and persistent buffers, a shared module under each of its
+    names), read from the modules as they are registered now, without the state-dict hooks."""
+    found = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        head = f"{prefix}." if prefix else ""
+        for name, parameter in module.named_parameters(recurse=False, remove_duplicate=False):
+            found[head + name] = parameter
+        for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
+            if name not in module._non_persistent_buffers_set:
+                found[head + name] = buffer
+    return found
 
 
 def with_thoughts(features: dict[str, Any], count: int, latent_id: int) -> dict[str, Any]:

@@ -8,6 +8,11 @@ the thoughts changes nothing, the model does not use its thoughts, which bounds 
 * :class:`ShuffledNeighbours`: every question nudged toward another question's neighbours;
 * :func:`full_replacement`: alpha 1 at full confidence and no norm matching, so a hit's thoughts are
   replaced by the neighbours' thoughts.
+
+A model trained with ``training.memory_in_training`` reads the first two through its learned gate
+(:class:`GatedShuffledNeighbours`, or :class:`~noblankslate.memory.gate.GatedMemoryController` on the
+random memory), so the control differs from the real memory in the content alone; full replacement is
+by definition no gate's choice and stays the fixed nudge at alpha 1.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import dataclasses
 import numpy as np
 from torch import Tensor
 
-from noblankslate.config import NudgeConfig
+from noblankslate.config import NudgeConfig, RetrievalConfig
 from noblankslate.memory.calibration import make_calibrator
 from noblankslate.memory.controller import MemoryController, MemoryParts
+from noblankslate.memory.gate import GatedMemoryController, MemoryGate
 from noblankslate.memory.store import LatentMemory
 
 
@@ -60,6 +66,19 @@ class ShuffledNeighbours(MemoryController):
         self._targets = self._targets[index]
         self._valid = self._valid[index]
         self._neighbor_exit = self._neighbor_exit[index]
+
+
+class GatedShuffledNeighbours(ShuffledNeighbours, GatedMemoryController):
+    """:class:`ShuffledNeighbours` read through a learned gate: row b's gate mixes its thought with the
+    targets of row ``perm[b]`` (its own confidence, as the fixed control keeps its own alpha)."""
+
+
+def shuffled_neighbours(parts: MemoryParts, retrieval: RetrievalConfig, nudge: NudgeConfig, gate: MemoryGate | None,
+                        seed: int = 0) -> ShuffledNeighbours:
+    """The shuffled-neighbours control without exit, through ``gate`` if the model has one, else the fixed nudge."""
+    if gate is not None:
+        return GatedShuffledNeighbours(parts, retrieval, nudge, gate, exit_enabled=False, seed=seed)
+    return ShuffledNeighbours(parts, retrieval, nudge, exit_enabled=False, seed=seed)
 
 
 def full_replacement(parts: MemoryParts, nudge: NudgeConfig) -> tuple[MemoryParts, NudgeConfig]:

@@ -28,7 +28,8 @@ from noblankslate.eval.metrics import (
 from noblankslate.eval.setup import RunSetup
 from noblankslate.files import write_text_atomic
 from noblankslate.memory.builder import LinearKeyMap, build_memory, with_thoughts
-from noblankslate.memory.controller import MemoryController, MemoryParts
+from noblankslate.memory.controller import MemoryParts
+from noblankslate.memory.gate import MemoryGate, memory_controller, nudge_kind
 from noblankslate.memory.metrics import METRICS_FILE, retrieval_metrics
 from noblankslate.model.coconut import Coconut
 from noblankslate.runtime import DistributedContext
@@ -100,7 +101,7 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
                     off: GenerationEval, off_seconds: float, lockstep: bool = False,
                     key_head: LinearKeyMap | None = None, metrics_dir: str | Path | None = None,
                     generate: Callable[..., GenerationEval] | None = None,
-                    make_controller: Callable[[MemoryParts, bool], MemoryController] | None = None,
+                    gate: MemoryGate | None = None,
                     on_built: Callable[[MemoryParts], None] | None = None,
                     ) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """Build the memory with ``model`` and evaluate with it, paired with the plain run ``off``.
@@ -112,9 +113,10 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
         metrics_dir: where to write ``retrieval_metrics_epoch_{E}.json`` (None: not written).
         generate: ``generate(prompts, controller=None, keep_thoughts=False)`` -> GenerationEval; the
             default evaluates ``setup.val`` with the config's batch size and token budget.
-        make_controller: ``make_controller(parts, exit_enabled)`` -> the controller of the two memory runs;
-            default :class:`MemoryController` with the config's settings (a model trained with the memory
-            passes its gate's controller, so evaluation uses the gate it learned).
+        gate: the learned gate of a model trained with ``training.memory_in_training`` (its own, or the one
+            saved beside its checkpoint): the two memory runs read the memory through it, as the model
+            learned to; None: the fixed nudge of the config's ``nudge`` settings. The metrics record which
+            (``nudge.kind``: "gate" or "fixed").
         on_built: called with the memory once built (the training loop reads it in the next epoch).
 
     Returns:
@@ -130,14 +132,13 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
     built = build_memory(model, setup, context, lockstep=lockstep, epoch=epoch, key_head=key_head)
     if on_built is not None:
         on_built(built.parts)
-    if make_controller is None:
-        def make_controller(parts, exit_enabled):
-            return MemoryController(parts, config.retrieval, config.nudge, exit_enabled=exit_enabled)
     prompts = prompt_view(setup.val_tokens, stage, setup.spec)
     seconds = {"off": off_seconds, "build": built.report.get("seconds", 0.0)}
     evaluations = {}
+    kind = None
     for name, exit_enabled in (("full", False), ("on", True)):
-        controller = make_controller(built.parts, exit_enabled)
+        controller = memory_controller(built.parts, config.retrieval, config.nudge, gate, exit_enabled=exit_enabled)
+        kind = nudge_kind(controller)
         started = time.perf_counter()
         evaluations[name] = generate(prompts, controller=controller)
         seconds[name] = time.perf_counter() - started
@@ -157,6 +158,7 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
     metrics = retrieval_metrics(off, evaluations["full"], evaluations["on"],
                                 {**built.parts.store.stats(), "path": config.index.path, "build": built.report},
                                 seconds, epoch, stage)
+    metrics["nudge"]["kind"] = kind
     metrics["exit_calibration"] = exit_scores
     if metrics_dir is not None and not config.debug:
         path = Path(metrics_dir) / METRICS_FILE.format(epoch=epoch)

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from noblankslate.config import NudgeConfig, RetrievalConfig
+from noblankslate.config import Config, NudgeConfig, RetrievalConfig
+from noblankslate.errors import NbsError
 from noblankslate.memory.controller import MemoryController, MemoryParts
 from noblankslate.model.weights import read_state_dict
 
@@ -120,14 +121,62 @@ class GatedMemoryController(MemoryController):
         return torch.where(active[:, None], moved, thought)
 
 
-def saved_gate(checkpoint: str | Path) -> MemoryGate | None:
+class GateFileError(NbsError, ValueError):
+    """A checkpoint's ``memory_gate.safetensors`` does not fit the model or config it is loaded for."""
+
+    label = "checkpoint error"
+
+
+NUDGE_GATE, NUDGE_FIXED = "gate", "fixed"
+"""How the memory's thoughts were mixed in (``nudge.kind`` in the metrics): the learned gate of a model
+trained with ``training.memory_in_training``, or the fixed confidence-scaled nudge (``nudge.alpha_max``)."""
+
+
+def gate_steps(config: Config) -> int:
+    """Thought steps with their own amplitude: the final stage's thoughts (at least one)."""
+    return max(1, config.max_latent_stage * config.c_thought)
+
+
+def saved_gate(checkpoint: str | Path, config: Config | None = None, hidden_size: int | None = None,
+               device: torch.device | str | None = None) -> MemoryGate | None:
     """The gate saved with a checkpoint of a run trained with ``training.memory_in_training`` (None if the
-    checkpoint has none), for the entry points that evaluate without the trainer."""
+    checkpoint has none): the one loader for every entry point that starts from a checkpoint (training from
+    ``load_model_path``, ``only_eval``, ``nbs memory build``, the sweep, the comparison tool), so they all
+    evaluate with the gate the model learned.
+
+    Args:
+        checkpoint: the checkpoint folder (``memory_gate.safetensors`` beside the model).
+        config, hidden_size: when given, the gate must have this run's thought steps (:func:`gate_steps`)
+            and thought size; a gate from another shape would silently misread the thoughts.
+        device: where the gate's parameters go (the model's device).
+
+    Raises:
+        GateFileError: the saved gate's shape differs from the run's.
+    """
     path = Path(checkpoint) / f"{GATE_STATE}.safetensors"
     if not path.is_file():
         return None
     state = read_state_dict(path)
-    hidden = (state["weight"].shape[0] - 1) // 2
-    gate = MemoryGate(hidden, state["amplitude"].shape[0])
+    hidden, steps = (state["weight"].shape[0] - 1) // 2, state["amplitude"].shape[0]
+    expected_steps = gate_steps(config) if config is not None else steps
+    expected_hidden = hidden_size if hidden_size is not None else hidden
+    if (hidden, steps) != (expected_hidden, expected_steps):
+        raise GateFileError(f"{path}: a gate for thoughts of size {hidden} and {steps} thought step(s); this run has "
+                            f"size {expected_hidden} and {expected_steps} (max_latent_stage x c_thought)")
+    gate = MemoryGate(hidden, steps)
     gate.load_state_dict(state)
-    return gate
+    return gate.to(device) if device is not None else gate
+
+
+def nudge_kind(controller: MemoryController) -> str:
+    """``"gate"`` for the gated controller, ``"fixed"`` for the fixed nudge (recorded with the metrics)."""
+    return NUDGE_GATE if isinstance(controller, GatedMemoryController) else NUDGE_FIXED
+
+
+def memory_controller(parts: MemoryParts, retrieval: RetrievalConfig, nudge: NudgeConfig, gate: MemoryGate | None,
+                      *, exit_enabled: bool = True) -> MemoryController:
+    """The controller a model is evaluated with: through its learned ``gate`` if it has one (a model trained
+    with the memory reads it as it learned to), else the fixed nudge of ``nudge``."""
+    if gate is not None:
+        return GatedMemoryController(parts, retrieval, nudge, gate, exit_enabled=exit_enabled)
+    return MemoryController(parts, retrieval, nudge, exit_enabled=exit_enabled)

@@ -11,12 +11,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from noblankslate.config import Config
 from noblankslate.data.curriculum import scheduled_stage
 from noblankslate.errors import NbsError
 from noblankslate.model.weights import MODEL_FILE
+
+if TYPE_CHECKING:
+    from noblankslate.config import Config
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
@@ -113,15 +115,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def trained_stage(state: dict[str, Any], config: Config) -> int:
-    """The curriculum stage a checkpoint's model was trained at, from its parsed ``state.json``.
-
-    Checkpoints record it (``train_state.stage``); for older ones without it, the stage of the epoch the
-    checkpoint ends (or, for a mid-epoch checkpoint, is in) under ``config``'s schedule.
-    """
+def checkpoint_position(state: dict[str, Any], config: Config) -> tuple[int, int]:
+    """(epochs done, stage) of a checkpoint from its parsed ``state.json``: the stage it recorded, or for
+    older checkpoints the stage of the epoch it ends (or, mid-epoch, is in). Every entry point that
+    evaluates a checkpoint at its own stage (inference, ``nbs memory build --evaluate``) reads it here, so
+    they evaluate where training did."""
     train_state = state.get("train_state", {})
-    stage = train_state.get("stage")
-    if isinstance(stage, int):
-        return stage
     epoch = int(state.get("epoch", 0))
-    return scheduled_stage(config, epoch if train_state.get("step_in_epoch") else max(epoch - 1, 0))
+    stage = train_state.get("stage")
+    if stage is None:
+        stage = scheduled_stage(config, max(epoch - 1, 0) if not train_state.get("step_in_epoch") else epoch)
+    return epoch, int(stage)

@@ -51,7 +51,13 @@ from noblankslate.memory.contrastive import (
 )
 from noblankslate.memory.controller import MemoryParts
 from noblankslate.memory.evaluation import evaluate_memory
-from noblankslate.memory.gate import GATE_STATE, GatedMemoryController, MemoryGate
+from noblankslate.memory.gate import (
+    GATE_STATE,
+    GatedMemoryController,
+    MemoryGate,
+    gate_steps,
+    saved_gate,
+)
 from noblankslate.memory.store import MemoryFileError
 from noblankslate.model.build import uses_latent_tokens
 from noblankslate.model.lora import describe as describe_lora
@@ -242,10 +248,15 @@ class Trainer:
             if not built_model.feed_thoughts:  # the config refuses this already; the model is the authority
                 raise ConfigError("training.memory_in_training needs a model that feeds continuous thoughts")
             hidden = built_model.base_causallm.config.hidden_size
-            self.gate = MemoryGate(hidden, max(1, config.max_latent_stage * config.c_thought)).to(context.device)
-            saved_gate = Path(config.load_model_path or "") / f"{GATE_STATE}.safetensors"
-            if resume_from is None and config.load_model_path and saved_gate.is_file():
-                self.gate.load_state_dict(read_state_dict(saved_gate))
+            # a run started from a checkpoint (load_model_path, only_eval too) continues with the gate saved
+            # beside it; a resumed run loads its own from the checkpoint's state below
+            saved = (saved_gate(config.load_model_path, config, hidden) if resume_from is None and config.load_model_path
+                     else None)
+            self.gate = (saved if saved is not None else MemoryGate(hidden, gate_steps(config))).to(context.device)
+        if self.contrastive is not None:
+            self.parallel.outside[ContrastiveObjective.HEADS] = self.contrastive.heads
+        if self.gate is not None:
+            self.parallel.outside[GATE_STATE] = self.gate
         self.optimizer = self._new_optimizer()
         per_rank = math.ceil(len(self.setup.train_tokens) / context.world_size)
         steps_per_epoch = math.ceil(math.ceil(per_rank / config.batch_size_training) / config.gradient_accumulation_steps)
@@ -467,14 +478,11 @@ class Trainer:
         """Rebuild the memory from training data with this epoch's model, then evaluate with it, paired
         with the plain evaluation ``off``, and write ``retrieval_metrics_epoch_{E}.json``."""
         config = self.config
-        gated = None
-        if self.gate is not None:  # the model trained with its memory is evaluated with the gate it learned
-            def gated(parts: MemoryParts, exit_enabled: bool) -> GatedMemoryController:
-                return GatedMemoryController(parts, config.retrieval, config.nudge, self.gate, exit_enabled=exit_enabled)
+        # the model trained with its memory is evaluated with the gate it learned (self.gate), else the fixed nudge
         with self.parallel.gathered() as model, autocast(config, self.context, self.parallel.kind):
             metrics, _ = evaluate_memory(model, self.setup, self.context, epoch=epoch + 1, stage=stage, off=off,
                                          off_seconds=self.generation_seconds, lockstep=self.parallel.lockstep,
-                                         key_head=self.key_head(), metrics_dir=self.run_dir, make_controller=gated,
+                                         key_head=self.key_head(), metrics_dir=self.run_dir, gate=self.gate,
                                          on_built=self._set_training_memory if self.gate is not None else None)
         if metrics is None:
             return None

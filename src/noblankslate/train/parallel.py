@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ class ParallelModel:
     wrapped: nn.Module
     model: Coconut
     kind: str  # "single", "ddp" or "fsdp"
+    outside: dict[str, nn.Module] = field(default_factory=dict)
+    """Modules the optimizer trains beside the model, outside its wrapper (the memory gate, the contrastive
+    heads), by name: FSDP's optimizer state names every parameter through a module, so they must be named."""
 
     @property
     def lockstep(self) -> bool:
@@ -70,16 +73,43 @@ class ParallelModel:
         if self.kind == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            return get_optimizer_state_dict(self.wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return get_optimizer_state_dict(self._optimized(), optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return optimizer.state_dict()
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         if self.kind == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self._optimized(), optimizer, state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(state)
+
+
+    def _optimized(self) -> nn.Module:
+        """One module holding every parameter the optimizer trains, for FSDP's optimizer state dict."""
+        return _WithOutside(self.wrapped, self.outside) if self.outside else self.wrapped
+
+
+class _WithOutside(nn.Module):
+    """The wrapped model's parameters and submodules under their own names, plus the modules trained
+    outside the wrapper under theirs.
+
+    ``get_optimizer_state_dict`` finds each optimized parameter's name in the module it is given and fails
+    on one it cannot name (the gate's, KeyError), so it is given this view: the model's names are
+    unchanged (a checkpoint's optimizer state keeps its keys), the outside modules' are added.
+    """
+
+    def __init__(self, wrapped: nn.Module, outside: dict[str, nn.Module]):
+        super().__init__()
+        for name, parameter in wrapped.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        for name, child in wrapped.named_children():
+            self.add_module(name, child)
+        for name, module in outside.items():
+            if name in self._modules or name in self._parameters:
+                raise ValueError(f"{name!r} is already a name in the model")
+            self.add_module(name, module)
 
 
 def decoder_layers(model: Coconut) -> list[nn.Module]:
