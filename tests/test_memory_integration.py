@@ -280,7 +280,8 @@ def test_memory_sweep_tunes_on_training_data_and_reports_controls_on_validation(
     tool = Path(__file__).resolve().parents[1] / "tools" / "memory_sweep.py"
     done = subprocess.run([sys.executable, str(tool), str(config_file), "--checkpoint", str(tmp_path / "runs" / "tiny" / "checkpoint_3"),
                            "--tune", "12", "--alphas", "0", "0.5", "--thresholds", "off", "0.5", "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--out", str(out), "batch_size_eval=5"],  # an override after the options
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["tune_examples"] == 12 and len(result["tuning"]) == 4

@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--out", help="write every result (tuning and validation) here (JSON)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options may come before or after the overrides
     if args.threads:
         torch.set_num_threads(args.threads)
 
