@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="run the built-in CPU demo end to end",
         description="Generate small ProsQA-style data, train a small GPT-2 from scratch through the CoT stage and "
                     "the Coconut stages, build the No Blank Slate memory, evaluate on a held-out split, print a "
-                    "table and write plots (about 8 minutes on 2 idle CPU cores of an AVX2 EPYC, 4 on an AVX-512 Xeon). See docs/demo.md.",
+                    "table and write plots (about 7 minutes on 2 idle CPU cores of an AVX2 EPYC, 3-4 on an AVX-512 Xeon). See docs/demo.md.",
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--config", default="args/demo.yaml", help="training config (default args/demo.yaml)")
