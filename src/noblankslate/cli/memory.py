@@ -63,7 +63,7 @@ def build(config_path: str, overrides: list[str], evaluate: bool = False, metric
                                          key_head=key_head, gate=gate)
         print0(f"memory written to {config.index.path}")
         if metrics is not None:
-            print(json.dumps(metrics, indent=1), flush=True)
+            print0(json.dumps(metrics, indent=1))
             if metrics_out is not None:
                 write_text_atomic(Path(metrics_out), json.dumps(metrics, indent=1))
     return 0
