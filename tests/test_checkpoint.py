@@ -336,3 +336,27 @@ def test_a_checkpoints_stage_comes_from_the_state_else_from_the_schedule_of_the_
     assert checkpoint_position({"epoch": 4, "train_state": {}}, config)[1] == 1  # ends epoch 4 (index 3): stage 1
     assert checkpoint_position({"epoch": 4, "train_state": {"step_in_epoch": 5}}, config)[1] == 2  # inside epoch 5
     assert checkpoint_position({"epoch": 9}, config)[1] == 4  # past max_latent_stage
+
+
+def test_every_evaluating_entry_point_reads_a_weights_paths_stage_by_one_rule(tmp_path):
+    """state.json first, then an original-code ``checkpoint_E`` name, then the config's last scheduled
+    epoch (final stage for Coconut, stage 0 for CoT); a damaged state.json is a named error."""
+    from noblankslate.config import Config
+    from noblankslate.model.checkpoint_files import CheckpointError, EvaluatedPosition, evaluated_position
+
+    coconut = Config(coconut=True, epochs_per_stage=2, max_latent_stage=3, num_epochs=10)
+    folder = tmp_path / "checkpoint_3"
+    folder.mkdir()
+    (folder / "state.json").write_text('{"epoch": 3, "train_state": {"stage": 1}}')
+    assert evaluated_position(folder, coconut) == EvaluatedPosition(3, 1, str(folder / "state.json"))
+    original = tmp_path / "checkpoint_5"
+    original.write_bytes(b"weights")
+    position = evaluated_position(original, coconut)
+    assert (position.epoch, position.stage, position.source) == (5, 2, "the name checkpoint_5")
+    exported = tmp_path / "model.safetensors"
+    exported.write_bytes(b"weights")
+    assert (evaluated_position(exported, coconut).epoch, evaluated_position(exported, coconut).stage) == (None, 4)
+    assert evaluated_position(exported, Config(cot=True, num_epochs=10)).stage == 0
+    (folder / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="checkpoint_3/state.json: cannot parse"):
+        evaluated_position(folder, coconut)

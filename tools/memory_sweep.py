@@ -55,6 +55,7 @@ from noblankslate.memory.gate import (
     saved_gate,
 )
 from noblankslate.memory.metrics import retrieval_metrics
+from noblankslate.model.checkpoint_files import evaluated_position
 from noblankslate.runtime import distributed_context, print0
 
 
@@ -99,7 +100,9 @@ def main() -> int:
                                        "retrieval.enabled=true"])
     with distributed_context() as context:
         setup = setup_run(config)
-        stage = config.max_latent_stage + 1
+        position = evaluated_position(args.checkpoint, config)
+        stage = position.stage
+        print0(f"evaluating at stage {stage} (from {position.source})")
         model = setup.model.to(context.device)
         gate = saved_gate(args.checkpoint, config, model.base_causallm.config.hidden_size, context.device)
         if gate is not None:

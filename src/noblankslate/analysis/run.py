@@ -9,7 +9,6 @@ gets its ordinary evaluation, so its row can stand beside Coconut's (:func:`side
 
 from __future__ import annotations
 
-import json
 import textwrap
 import time
 from collections.abc import Callable, Sequence
@@ -25,21 +24,12 @@ from noblankslate.analysis.subject import AnalysisError, Subject, generate, summ
 from noblankslate.analysis.thoughts import decoded_thoughts
 from noblankslate.config import Config
 from noblankslate.data.convert import write_json_atomic
-from noblankslate.data.curriculum import scheduled_stage
 from noblankslate.eval.setup import setup_run
-from noblankslate.model.checkpoint_files import STATE_FILE, checkpoint_position
+from noblankslate.model.checkpoint_files import evaluated_position
 from noblankslate.model.weights import MODEL_FILE
 
 REPORT_FILE = "analysis.json"
 TABLES_FILE = "analysis.md"
-
-
-def checkpoint_stage(checkpoint: Path | None, config: Config) -> tuple[int, str]:
-    """The stage a checkpoint was evaluated at (its ``state.json``), else the run's last scheduled stage."""
-    if checkpoint is not None and (checkpoint / STATE_FILE).is_file():
-        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-        return checkpoint_position(state, config)[1], f"{checkpoint / STATE_FILE}"
-    return scheduled_stage(config, config.num_epochs - 1), "the run's last scheduled stage"
 
 
 def load_subject(config: Config, checkpoint: str | Path | None = None, data: str | Path | None = None,
@@ -69,7 +59,7 @@ def load_subject(config: Config, checkpoint: str | Path | None = None, data: str
                   val_path=str(data) if data is not None else config.val_path,
                   retrieval=replace(config.retrieval, enabled=False), debug=False)
     setup = setup_run(run, weights_from=checkpoint)
-    stage, _ = checkpoint_stage(checkpoint, config)
+    stage = evaluated_position(weights, config).stage
     count = len(setup.val) if limit is None else min(limit, len(setup.val))
     return Subject(model=setup.model.eval(), tokenizer=setup.tokenizer, examples=setup.val[:count],
                    tokens=setup.val_tokens[:count], spec=setup.spec, collate=setup.collate, stage=stage,
@@ -150,7 +140,7 @@ def analyze(config: Config, checkpoint: str | Path | None = None, *, data: str |
     subject = load_subject(config, checkpoint, data=data, limit=limit)
     meta = {"checkpoint": str(checkpoint) if checkpoint is not None else config.load_model_path,
             "data": str(data) if data is not None else config.val_path,
-            "stage_from": checkpoint_stage(Path(checkpoint) if checkpoint is not None else None, config)[1]}
+            "stage_from": evaluated_position(checkpoint or config.load_model_path, config).source}
     return analyze_subject(subject, out, show=show, meta=meta, **options)
 
 

@@ -26,7 +26,7 @@ def build(config_path: str, overrides: list[str], evaluate: bool = False, metric
     from noblankslate.memory.builder import build_memory, saved_key_head
     from noblankslate.memory.evaluation import evaluate_memory
     from noblankslate.memory.gate import NUDGE_FIXED, NUDGE_GATE, saved_gate
-    from noblankslate.model.checkpoint_files import STATE_FILE, checkpoint_position
+    from noblankslate.model.checkpoint_files import evaluated_position
     from noblankslate.runtime import distributed_context, print0
     from noblankslate.train.parallel import autocast, wrap_model
 
@@ -48,9 +48,9 @@ def build(config_path: str, overrides: list[str], evaluate: bool = False, metric
             print0(f"memory written to {config.index.path}")
             print0(json.dumps(built.report, indent=1))
             return 0
-        state = Path(config.load_model_path) / STATE_FILE
-        epoch, stage = (checkpoint_position(json.loads(state.read_text(encoding="utf-8")), config) if state.is_file()
-                        else (0, config.max_latent_stage + 1))  # not a training checkpoint: the final stage
+        position = evaluated_position(config.load_model_path, config)
+        epoch, stage = position.epoch or 0, position.stage
+        print0(f"evaluating at stage {stage} (from {position.source})")
         prompts = prompt_view(setup.val_tokens, stage, setup.spec)
         with parallel.gathered() as model, autocast(config, context, parallel.kind):
             started = time.perf_counter()

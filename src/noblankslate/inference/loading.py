@@ -31,15 +31,14 @@ from noblankslate.config import (
     config_from_dict,
     load_config,
 )
-from noblankslate.data.curriculum import CurriculumSpec, scheduled_stage
+from noblankslate.data.curriculum import CurriculumSpec
 from noblankslate.inference.model import ThinkingModel
 from noblankslate.model.checkpoint_files import (
     CHECKPOINT_NAME,
     COMPLETE_FILE,
     CONFIG_FILE,
-    STATE_FILE,
     CheckpointError,
-    checkpoint_position,
+    evaluated_position,
     latest_checkpoint,
     verify_checkpoint_files,
 )
@@ -144,27 +143,24 @@ def _load_checkpoint(folder: Path) -> ThinkingModel:
     verify_checkpoint_files(folder)
     try:
         raw = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    except (ValueError, yaml.YAMLError) as error:
-        raise CheckpointError(f"{folder}: cannot parse {STATE_FILE} or {CONFIG_FILE}: {error}") from None
+    except yaml.YAMLError as error:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: cannot parse: {error}") from None
     try:
         config = config_from_dict(raw)
     except ConfigError as error:
         raise ConfigError(f"{folder / CONFIG_FILE}: {error}") from None
-    epoch, stage = checkpoint_position(state, config)
+    position = evaluated_position(folder, config)
 
     def no_texts():
         raise CheckpointError(f"{folder}: no tokenizer/ folder; the checkpoint cannot be read without its tokenizer")
 
     model, tokenizer = _build(config, folder, no_texts)
-    return _thinking(model, tokenizer, config, int(stage), folder, epoch, raw)
+    return _thinking(model, tokenizer, config, position.stage, folder, position.epoch, raw)
 
 
 def _load_weights_file(file: Path, config: Config) -> ThinkingModel:
     """An original-code checkpoint ``checkpoint_N`` (or any weights file) with the config it was trained by."""
-    match = CHECKPOINT_NAME.fullmatch(file.stem)
-    epoch = int(match.group(1)) if match else config.num_epochs
-    stage = scheduled_stage(config, max(epoch - 1, 0))
+    position = evaluated_position(file, config)
 
     def training_texts():
         from noblankslate.data.schema import load_examples
@@ -175,7 +171,7 @@ def _load_weights_file(file: Path, config: Config) -> ThinkingModel:
         return coconut_texts(load_examples(config.train_path))
 
     model, tokenizer = _build(config, file, training_texts)
-    return _thinking(model, tokenizer, config, stage, file, epoch, config.to_dict())
+    return _thinking(model, tokenizer, config, position.stage, file, position.epoch, config.to_dict())
 
 
 def _load_export(folder: Path) -> ThinkingModel:

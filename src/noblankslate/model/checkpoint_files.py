@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,3 +127,43 @@ def checkpoint_position(state: dict[str, Any], config: Config) -> tuple[int, int
     if stage is None:
         stage = scheduled_stage(config, max(epoch - 1, 0) if not train_state.get("step_in_epoch") else epoch)
     return epoch, int(stage)
+
+
+@dataclass(frozen=True)
+class EvaluatedPosition:
+    """Where a weights path sits in its run's schedule: the stage every evaluating entry point uses."""
+
+    epoch: int | None
+    """Epochs done, or None where nothing says (a weights file without a checkpoint name)."""
+    stage: int
+    source: str
+    """Where the stage was read, for reports: the ``state.json``, the file name, or the config."""
+
+
+def evaluated_position(weights: str | Path, config: Config) -> EvaluatedPosition:
+    """The one rule by which inference, analysis, ``nbs memory build`` and the memory sweep pick the stage
+    to evaluate a checkpoint at, so that they all evaluate where training did:
+
+    1. a checkpoint folder with a ``state.json``: the stage it recorded (:func:`checkpoint_position`);
+    2. else a path named ``checkpoint_E`` (the original code's files): the stage of epoch E;
+    3. else the stage of the config's last scheduled epoch (for a Coconut schedule that reaches it, the
+       final stage; for CoT and No-CoT, stage 0).
+
+    Raises:
+        CheckpointError: a ``state.json`` that is not valid JSON.
+    """
+    path = Path(weights)
+    state_file = path / STATE_FILE
+    if state_file.is_file():
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise CheckpointError(f"{state_file}: cannot parse: {error}") from None
+        epoch, stage = checkpoint_position(state, config)
+        return EvaluatedPosition(epoch, stage, str(state_file))
+    match = CHECKPOINT_NAME.fullmatch(path.stem if path.is_file() else path.name)
+    if match is not None:
+        epoch = int(match.group(1))
+        return EvaluatedPosition(epoch, scheduled_stage(config, max(epoch - 1, 0)), f"the name {path.name}")
+    return EvaluatedPosition(None, scheduled_stage(config, config.num_epochs - 1),
+                             f"the config's last scheduled epoch ({config.num_epochs})")
