@@ -133,3 +133,22 @@ def test_labels_are_set_on_every_subclass():
     assert (TrainingDiverged.exit_code, TrainingInterrupted.exit_code) == (1, 130)
     assert all(inspect.isclass(c) and issubclass(c, NbsError)
                for c in (ConfigError, DataError, CheckpointError, TrainingDiverged, TrainingInterrupted))
+
+
+def test_overrides_may_come_between_and_after_options_in_the_order_given(capsys):
+    """``nbs memory build CONFIG --evaluate k=v`` and ``nbs analyze CONFIG --limit 3 k=v`` parse as one would
+    expect; a mistyped option or a stray word is still refused, naming it."""
+    from noblankslate.cli import build_parser, parse_arguments
+
+    parser = build_parser()
+    args = parse_arguments(parser, ["memory", "build", "c.yaml", "a=1", "--evaluate", "b=2", "--metrics-out", "m.json", "a=3"])
+    assert (args.config, args.overrides, args.evaluate, args.metrics_out) == ("c.yaml", ["a=1", "b=2", "a=3"], True, "m.json")
+    args = parse_arguments(parser, ["analyze", "c.yaml", "--limit", "3", "lr=1e-4"])
+    assert (args.limit, args.overrides) == (3, ["lr=1e-4"])
+    for bad, word in ((["memory", "build", "c.yaml", "--evalute"], "--evalute"),
+                      (["analyze", "c.yaml", "--limit", "3", "stray"], "stray"),
+                      (["data", "check", "f.json", "x=1"], "x=1")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_arguments(parser, bad)
+        assert exit_info.value.code == 2
+        assert f"unrecognized arguments: {word}" in capsys.readouterr().err

@@ -36,9 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, letting ``key=value`` overrides come anywhere after the config, between options too
+    (``nbs memory build CONFIG --evaluate retrieval.k=8``). Plain argparse stops filling a ``nargs="*"``
+    positional at the first option, and its intermixed parsing does not work with subcommands, so the
+    leftover words are appended to the overrides in the order given; anything else left over (a mistyped
+    option, a stray word) is the usual "unrecognized arguments" error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     try:
         return int(args.handler(args) or 0)
     except NbsError as error:
