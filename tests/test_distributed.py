@@ -55,3 +55,39 @@ def test_two_processes_match_one(tmp_path, parallel):
     predictions = (two / "predictions_epoch_2.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["idx"] for line in predictions) == list(range(13))
     assert (two / "checkpoint_2" / "model.safetensors").is_file()
+
+
+def _average_where_one_rank_has_no_gradient(rank: int, init_file: str, results: str) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from noblankslate.runtime import DistributedContext
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        module = torch.nn.Linear(2, 1)
+        if rank == 0:  # rank 1's step gave no gradient (no contrastive loss on its micro-batch)
+            module(torch.ones(1, 2)).sum().backward()
+        context = DistributedContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+        context.average_gradients(module)
+        gathered = context.all_gather_rows(torch.full((rank + 1, 2), float(rank)))  # 1 row, then 2
+        torch.save({"weight": module.weight.grad, "bias": module.bias.grad, "rows": gathered}, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_average_when_a_rank_has_none_and_rows_gather_in_rank_order(tmp_path):
+    """Two gloo processes: a parameter with a gradient on one rank only averages with zeros on both (no
+    rank waits forever on a collective the other skipped); uneven row counts gather in rank order."""
+    import torch
+    import torch.multiprocessing as mp
+
+    results = str(tmp_path / "grad")
+    mp.spawn(_average_where_one_rank_has_no_gradient, args=(str(tmp_path / "init"), results), nprocs=2)
+    for rank in (0, 1):
+        found = torch.load(f"{results}.{rank}")
+        assert torch.equal(found["weight"], torch.full((1, 2), 0.5)) and torch.equal(found["bias"], torch.tensor([0.5]))
+        assert torch.equal(found["rows"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))

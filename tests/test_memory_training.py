@@ -419,3 +419,43 @@ def test_the_sweep_reads_a_gated_checkpoint_through_its_gate_and_sweeps_only_the
     assert kinds == {"chosen": "gate", "control: random entries": "gate", "control: shuffled neighbours": "gate",
                      "control: full replacement": "fixed"}
     assert "nudge: gate" in done.stdout and "\ntune   gate T=1" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_resume_a_contrastive_run_exactly(tmp_path, parallel):
+    """DDP or FSDP with ``training.nudge_contrastive``: every rank's buffer holds the same trajectories (the
+    whole global batch's), so the one buffer a checkpoint saves is every rank's, and a two-process run
+    stopped after epoch 2 and resumed ends where the uninterrupted two-process run ends."""
+    import yaml
+
+    from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
+
+    tasks = ProsQAConfig.small(concepts=(3, 4), distance=(2, 2))
+    (tmp_path / "train.json").write_text(json.dumps(generate_prosqa(48, seed=0, config=tasks)))
+    (tmp_path / "valid.json").write_text(json.dumps(generate_prosqa(13, seed=1, config=tasks)))
+    raw = {
+        "save_path": str(tmp_path / "runs"), "coconut": True, "c_thought": 1, "epochs_per_stage": 1,
+        "max_latent_stage": 2, "pad_latent_to_max": True, "train_path": str(tmp_path / "train.json"),
+        "val_path": str(tmp_path / "valid.json"), "num_epochs": 4, "lr": 1e-3, "max_new_tokens": 6,
+        "batch_size_training": 4, "parallel": parallel,
+        "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
+        "retrieval": {"enabled": True, "correct_only": False, "key_dim": 6},
+        "training": {"nudge_contrastive": True, "nudge_buffer_batch": 4, "retrieval_buffer_limit": 16},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_script(path, "name=straight", f"index.path={tmp_path / 'straight.bin'}", processes=2)
+    resumed = ("name=resumed", f"index.path={tmp_path / 'resumed.bin'}")
+    run_script(path, *resumed, "num_epochs=3", processes=2)
+    run_script(path, *resumed, processes=2)  # resumes from checkpoint_3, whose buffer holds negatives
+    steps = {name: [r for r in read_metrics(tmp_path / "runs" / name) if r["event"] == "step"]
+             for name in ("straight", "resumed")}
+    assert len(steps["straight"]) == len(steps["resumed"]) == 24
+    assert all(r["contrastive_loss"] > 0 for r in steps["straight"] if r["stage"] >= 2)
+    assert [r["train_loss"] for r in steps["resumed"]] == [r["train_loss"] for r in steps["straight"]]
+    assert ([r.get("contrastive_loss") for r in steps["resumed"]]
+            == [r.get("contrastive_loss") for r in steps["straight"]])
+    a, b = (load_checkpoint(tmp_path / "runs" / name / "checkpoint_4") for name in ("straight", "resumed"))
+    for key in a.model_state:
+        assert torch.equal(a.model_state[key], b.model_state[key]), key

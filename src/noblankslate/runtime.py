@@ -55,14 +55,40 @@ class DistributedContext:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def all_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``(n_r, ...)`` rows (detached) concatenated in rank order; ``n_r`` may differ, and 0
+        rows is fine. Every rank must call it at the same point, whatever it holds."""
+        rows = rows.detach()
+        if not self.is_distributed:
+            return rows
+        counts = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([len(rows)], dtype=torch.long, device=self.device))
+        sizes = [int(count.item()) for count in counts]
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+        padded[: len(rows)] = rows
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+
     def average_gradients(self, module: torch.nn.Module) -> None:
-        """Average the gradients of a module that no DDP/FSDP wrapper synchronises."""
+        """Average the gradients of a module that no DDP/FSDP wrapper synchronises.
+
+        A rank whose step gave a parameter no gradient (say, no row of its micro-batch had two thoughts for
+        the contrastive loss) takes part with zeros while another rank has one, so every rank runs the same
+        collectives (otherwise they would wait on each other forever); where no rank has one, it stays None.
+        """
         if not self.is_distributed:
             return
-        for parameter in module.parameters():
-            if parameter.grad is not None:
-                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
-                parameter.grad /= self.world_size
+        parameters = list(module.parameters())
+        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.long, device=self.device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)
+        for parameter, anywhere in zip(parameters, present.tolist()):
+            if not anywhere:
+                continue
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+            parameter.grad /= self.world_size
 
     def barrier(self) -> None:
         if self.is_distributed:

@@ -10,6 +10,8 @@ trajectories, which is what the nudge relies on. The heads are saved with the ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,7 @@ class TrajectoryBuffer:
         return self.items[chosen.to(self.items.device)]
 
     def push(self, projections: Tensor) -> None:
-        if self.limit == 0:
+        if self.limit == 0 or len(projections) == 0:
             return
         new = projections.detach()
         self.items = new if self.items is None else torch.cat([self.items, new])
@@ -115,11 +117,16 @@ class ContrastiveObjective:
     BUFFER = "nudge_buffer"
 
     def __init__(self, hidden_size: int, key_dim: int, latent_id: int, *, buffer_limit: int, negatives: int,
-                 temperature: float, seed: int, device: torch.device):
+                 temperature: float, seed: int, device: torch.device,
+                 gather: Callable[[Tensor], Tensor] | None = None):
         torch.manual_seed(seed + 17)
         self.heads = ContrastiveHeads(hidden_size, key_dim).to(device)
         self.buffer = TrajectoryBuffer(buffer_limit, seed=seed)
         self.latent_id, self.negatives, self.temperature, self.device = latent_id, negatives, temperature, device
+        self.gather = gather or (lambda rows: rows.detach())
+        """Every rank's projections of the step, in rank order (``DistributedContext.all_gather_rows``): the
+        buffer holds the global batch's, so it is the same on every rank and the one a checkpoint saves
+        is every rank's (same negatives drawn everywhere, exact resume). One process: the rows themselves."""
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())
@@ -129,10 +136,12 @@ class ContrastiveObjective:
         trajectories are the negatives); None when fewer than two rows have thoughts."""
         found = thoughts_of_batch(inputs_embeds, input_ids, self.latent_id)
         if found is None or len(found[0]) < 2:
+            # no loss here, but the ranks gather together: push what the others had
+            self.buffer.push(self.gather(inputs_embeds.new_zeros(0, self.heads.trajectory.out_features)))
             return None
         keys, trajectories = self.heads(*found)
         loss = info_nce(keys, trajectories, self.buffer.sample(self.negatives), self.temperature)
-        self.buffer.push(trajectories)
+        self.buffer.push(self.gather(trajectories))
         return loss
 
     def state(self) -> dict[str, dict[str, Tensor]]:

@@ -235,7 +235,8 @@ class Trainer:
             self.contrastive = ContrastiveObjective(
                 hidden, config.retrieval.key_dim or hidden, self.setup.latent_ids.latent_id,
                 buffer_limit=training.retrieval_buffer_limit, negatives=training.nudge_buffer_batch,
-                temperature=training.contrastive_temperature, seed=config.seed, device=context.device)
+                temperature=training.contrastive_temperature, seed=config.seed, device=context.device,
+                gather=context.all_gather_rows)
             saved_heads = Path(config.load_model_path or "") / f"{ContrastiveObjective.HEADS}.safetensors"
             if resume_from is None and config.load_model_path and saved_heads.is_file():
                 self.contrastive.heads.load_state_dict(read_state_dict(saved_heads))
