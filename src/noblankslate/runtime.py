@@ -121,6 +121,11 @@ def distributed_context() -> Iterator[DistributedContext]:
         created = True
     try:
         yield DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        if created:
+            # Every rank tears down together. Without this a rank that finished first (rank 0 still writes
+            # files) exited while its peer was alive, and about 1 two-process gloo run in 25 died at exit
+            # with "terminate called without an active exception" (SIGABRT, after all its work was saved).
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()
