@@ -235,14 +235,8 @@ def test_the_option_is_checked_with_the_key_named(tmp_path, tiny_data, overrides
         config_from_dict(tiny_config(tmp_path, tiny_data, **overrides))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_train_the_gate_as_one(tmp_path, parallel):
-    """DDP or FSDP (gloo, torchrun): the gate sits outside the wrapper, so its gradients are averaged
-    explicitly; with no dropout, two ranks of 4 rows train model and gate as one process with batches of 8.
-    The two-process run stops after epoch 2 and resumes (the optimizer state holds the gate's, which FSDP
-    must name), and the memory it reads is the one a single process finds for the same weights."""
-
+def _two_process_run(tmp_path: Path, parallel: str, **keys) -> tuple[dict, Path]:
+    """Generated ProsQA data and a tiny Coconut config for the torchrun tests, plus ``keys``; (config, its YAML)."""
     import yaml
 
     from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
@@ -253,13 +247,26 @@ def test_two_processes_train_the_gate_as_one(tmp_path, parallel):
     raw = {
         "save_path": str(tmp_path / "runs"), "coconut": True, "c_thought": 1, "epochs_per_stage": 1,
         "max_latent_stage": 2, "pad_latent_to_max": True, "train_path": str(tmp_path / "train.json"),
-        "val_path": str(tmp_path / "valid.json"), "num_epochs": 3, "lr": 1e-3, "max_new_tokens": 6,
-        "parallel": parallel, "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
-        "retrieval": {"enabled": True, "correct_only": False, "sim_threshold": -1.0, "key_dim": 8},
-        "training": {"memory_in_training": True, "memory_dropout": 0.0},
+        "val_path": str(tmp_path / "valid.json"), "lr": 1e-3, "max_new_tokens": 6,
+        "parallel": parallel, "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}, **keys,
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
+    return raw, path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_the_gate_as_one(tmp_path, parallel):
+    """DDP or FSDP (gloo, torchrun): the gate sits outside the wrapper, so its gradients are averaged
+    explicitly; with no dropout, two ranks of 4 rows train model and gate as one process with batches of 8.
+    The two-process run stops after epoch 2 and resumes (the optimizer state holds the gate's, which FSDP
+    must name), and the memory it reads is the one a single process finds for the same weights."""
+
+    raw, path = _two_process_run(
+        tmp_path, parallel, num_epochs=3,
+        retrieval={"enabled": True, "correct_only": False, "sim_threshold": -1.0, "key_dim": 8},
+        training={"memory_in_training": True, "memory_dropout": 0.0})
     two = ("name=two", "batch_size_training=4", f"index.path={tmp_path / 'two' / 'index.bin'}")
     run_script(path, *two, "num_epochs=2", processes=2)
     run_script(path, *two, processes=2)  # resumes from checkpoint_2
@@ -426,25 +433,11 @@ def test_the_sweep_reads_a_gated_checkpoint_through_its_gate_and_sweeps_only_the
 def test_two_processes_resume_a_contrastive_run_exactly(tmp_path, parallel):
     """DDP or FSDP with ``training.nudge_contrastive``: every rank's buffer holds the same trajectories (the
     whole global batch's), so the one buffer a checkpoint saves is every rank's, and a two-process run
-    stopped after epoch 2 and resumed ends where the uninterrupted two-process run ends."""
-    import yaml
-
-    from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
-
-    tasks = ProsQAConfig.small(concepts=(3, 4), distance=(2, 2))
-    (tmp_path / "train.json").write_text(json.dumps(generate_prosqa(48, seed=0, config=tasks)))
-    (tmp_path / "valid.json").write_text(json.dumps(generate_prosqa(13, seed=1, config=tasks)))
-    raw = {
-        "save_path": str(tmp_path / "runs"), "coconut": True, "c_thought": 1, "epochs_per_stage": 1,
-        "max_latent_stage": 2, "pad_latent_to_max": True, "train_path": str(tmp_path / "train.json"),
-        "val_path": str(tmp_path / "valid.json"), "num_epochs": 4, "lr": 1e-3, "max_new_tokens": 6,
-        "batch_size_training": 4, "parallel": parallel,
-        "model_config": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
-        "retrieval": {"enabled": True, "correct_only": False, "key_dim": 6},
-        "training": {"nudge_contrastive": True, "nudge_buffer_batch": 4, "retrieval_buffer_limit": 16},
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    stopped after epoch 3 and resumed ends where the uninterrupted two-process run ends."""
+    _, path = _two_process_run(
+        tmp_path, parallel, num_epochs=4, batch_size_training=4,
+        retrieval={"enabled": True, "correct_only": False, "key_dim": 6},
+        training={"nudge_contrastive": True, "nudge_buffer_batch": 4, "retrieval_buffer_limit": 16})
     run_script(path, "name=straight", f"index.path={tmp_path / 'straight.bin'}", processes=2)
     resumed = ("name=resumed", f"index.path={tmp_path / 'resumed.bin'}")
     run_script(path, *resumed, "num_epochs=3", processes=2)
