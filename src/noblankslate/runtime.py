@@ -123,7 +123,7 @@ def distributed_context() -> Iterator[DistributedContext]:
         yield DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
         if created:
             # Every rank tears down together. Without this a rank that finished first (rank 0 still writes
-            # files) exited while its peer was alive, and about 1 two-process gloo run in 25 died at exit
+            # files) exited while its peer was alive, and 3 of 85 two-process gloo runs died at exit
             # with "terminate called without an active exception" (SIGABRT, after all its work was saved).
             dist.barrier()
     finally:
