@@ -19,6 +19,7 @@ import argparse
 import json
 import random
 import re
+import signal
 
 import torch
 
@@ -74,6 +75,7 @@ def main() -> None:
     if args.command == "make":
         print(f"{args.out}: {make_drill(args.source, args.out, args.seed)} records")
     else:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `probe ... | head` ends quietly, not with BrokenPipeError
         torch.set_num_threads(1)
         for kind, (accuracy, total) in probe(args.checkpoint, args.data, args.limit).items():
             print(f"{kind}: {accuracy:.3f} of {total} lookups")
