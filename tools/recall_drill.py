@@ -1,16 +1,23 @@
-"""The fact-recall drill of docs/table1.md (pilots P13, P14): does a small model learn the one-fact lookup?
+"""The fact-recall drill of docs/table1.md (pilots P13-P20): does a small model learn the one-fact lookup?
 
 Every question of the balanced task needs lookups ("which concept is X?"). The drill makes that lookup the
-whole task: the answer re-lists the question's facts in a random order, so each object after "Every X is a"
-must be found in the question. ``probe`` measures it with teacher forcing on a checkpoint:
+whole task: the answer lists facts of the question, so each object after "Every X is a" must be found in
+the question. ``probe`` measures it with teacher forcing on a checkpoint:
 
-    python tools/recall_drill.py make data/balanced/train.json /tmp/drill_train.json --seed 0
-    python tools/recall_drill.py make data/balanced/valid.json /tmp/drill_valid.json --seed 1
+    python tools/recall_drill.py make data/balanced/train.json /tmp/drill_train.json --seed 0 --with-replacement
+    python tools/recall_drill.py make data/balanced/valid.json /tmp/drill_valid.json --seed 1 --with-replacement
     nbs train CONFIG no_cot=true train_path=/tmp/drill_train.json val_path=/tmp/drill_valid.json
     python tools/recall_drill.py probe runs/.../checkpoint_4 /tmp/drill_valid.json --limit 100
 
 "every" is the share of concept facts whose unique parent the model predicts; "person" the same after
 "Person is a", where two answers are right and the first-listed one is scored.
+
+Without ``--with-replacement`` the answer re-lists every fact once, shuffled (pilots P13-P19). Then a
+model can score without any lookup by naming an object that has not been listed yet, and more so late in
+the answer, where few remain: ``probe`` prints that strategy's expected score ("elimination") and that of
+naming any object of the question ("any object") beside the model's, and the model's score on the first
+four lookups of each answer, where elimination helps least. ``--with-replacement`` draws the answer's
+facts with replacement, so that listing gives nothing away.
 """
 
 from __future__ import annotations
@@ -20,44 +27,82 @@ import json
 import random
 import re
 import signal
+from collections import Counter
+from typing import NamedTuple
 
 import torch
 
 FACT = re.compile(r"[^.?]+\.")
+FACT_PARTS = re.compile(r"(\w+) is a (\w+)\.")
 
 
-def make_drill(source: str, out: str, seed: int) -> int:
-    """Write ``source``'s records with the answer replaced by the question's facts, shuffled; no steps."""
+def make_drill(source: str, out: str, seed: int, with_replacement: bool = False) -> int:
+    """Write ``source``'s records with the answer replaced by the question's facts, no steps: each fact
+    once, shuffled, or as many facts drawn with replacement."""
     rng = random.Random(seed)
     records = json.load(open(source, encoding="utf-8"))
     for record in records:
         facts = [f.strip() for f in FACT.findall(record["question"]) if not f.strip().startswith("Is ")]
-        rng.shuffle(facts)
+        if with_replacement:
+            facts = [rng.choice(facts) for _ in facts]
+        else:
+            rng.shuffle(facts)
         record["steps"], record["answer"] = [], " ".join(facts)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(records, f)
     return len(records)
 
 
+class Lookup(NamedTuple):
+    """One scored object position of a drill answer."""
+
+    kind: str  # "every" or "person"
+    position: int  # index of the answer's token that is the object
+    index: int  # how many facts of the answer come before it
+    elimination: float  # expected score of naming a random object of the question not yet listed
+    any_object: float  # expected score of naming a random object of the question
+
+
+def lookups(words: list[str], start: int, question: str) -> list[Lookup]:
+    """The scored object positions of a drill answer whose words (one per token) begin at ``start``."""
+    objects = Counter(match[1] for match in FACT_PARTS.findall(question))
+    listed: Counter[str] = Counter()
+    found = []
+    for i in range(start, len(words)):
+        if words[i - 1] == "a" and words[i - 2] == "is":
+            kind = "every" if words[i - 4].lower() == "every" else "person"
+            remaining = objects - listed
+            found.append(Lookup(kind, i, sum(listed.values()), remaining[words[i]] / max(sum(remaining.values()), 1),
+                                objects[words[i]] / max(sum(objects.values()), 1)))
+            listed[words[i]] += 1
+    return found
+
+
 @torch.no_grad()
-def probe(checkpoint: str, data: str, limit: int) -> dict[str, tuple[float, int]]:
+def probe(checkpoint: str, data: str, limit: int) -> dict[str, dict[str, float]]:
+    """Per kind: the model's score, the two strategies' expected scores, the score on the first four
+    lookups of each answer, and the number of lookups."""
     from noblankslate.inference import load
 
     loaded = load(checkpoint)
     model, tokenizer = loaded.model.base_causallm.eval(), loaded.tokenizer
-    hits = {"every": [0, 0], "person": [0, 0]}
+    sums: dict[str, Counter[str]] = {"every": Counter(), "person": Counter()}
     for record in json.load(open(data, encoding="utf-8"))[:limit]:
         prefix = record["question"] + "\n### "
         ids = tokenizer(prefix + record["answer"], return_tensors="pt").input_ids
         start = len(tokenizer(prefix).input_ids)
         predicted = model(input_ids=ids).logits.argmax(-1)[0]
         words = [tokenizer.decode([t]).strip() for t in ids[0]]
-        for i in range(start, ids.shape[1]):
-            if words[i - 1] == "a" and words[i - 2] == "is":  # i is an object position
-                kind = "every" if words[i - 4].lower() == "every" else "person"
-                hits[kind][0] += int(predicted[i - 1] == ids[0, i])
-                hits[kind][1] += 1
-    return {kind: (right / max(total, 1), total) for kind, (right, total) in hits.items()}
+        for lookup in lookups(words, start, record["question"]):
+            right = int(predicted[lookup.position - 1] == ids[0, lookup.position])
+            total = sums[lookup.kind]
+            total.update(model=right, elimination=lookup.elimination, any_object=lookup.any_object, lookups=1)
+            if lookup.index < 4:
+                total.update(first_four=right, first_lookups=1)
+    return {kind: {"model": t["model"] / max(t["lookups"], 1), "elimination": t["elimination"] / max(t["lookups"], 1),
+                   "any object": t["any_object"] / max(t["lookups"], 1),
+                   "first four": t["first_four"] / max(t["first_lookups"], 1), "lookups": t["lookups"]}
+            for kind, t in sums.items()}
 
 
 def main() -> None:
@@ -67,18 +112,20 @@ def main() -> None:
     m.add_argument("source")
     m.add_argument("out")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--with-replacement", action="store_true", help="draw the answer's facts with replacement")
     p = sub.add_parser("probe", help="lookup accuracy of a checkpoint with teacher forcing")
     p.add_argument("checkpoint")
     p.add_argument("data")
     p.add_argument("--limit", type=int, default=100)
     args = parser.parse_args()
     if args.command == "make":
-        print(f"{args.out}: {make_drill(args.source, args.out, args.seed)} records")
+        print(f"{args.out}: {make_drill(args.source, args.out, args.seed, args.with_replacement)} records")
     else:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `probe ... | head` ends quietly, not with BrokenPipeError
         torch.set_num_threads(1)
-        for kind, (accuracy, total) in probe(args.checkpoint, args.data, args.limit).items():
-            print(f"{kind}: {accuracy:.3f} of {total} lookups")
+        for kind, scores in probe(args.checkpoint, args.data, args.limit).items():
+            print(f"{kind}: {scores['model']:.3f} of {scores['lookups']} lookups (elimination {scores['elimination']:.3f}, "
+                  f"any object {scores['any object']:.3f}; first four of each answer {scores['first four']:.3f})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""tools/recall_drill.py: the drill's data and the baselines its probe prints beside the model's score.
+
+The baselines matter: without replacement a model that names any object not yet listed scores well late in
+an answer, so the probe's score means nothing without them (docs/table1.md, P19).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+_TOOL = Path(__file__).resolve().parents[1] / "tools" / "recall_drill.py"
+_spec = importlib.util.spec_from_file_location("recall_drill", _TOOL)
+recall_drill = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recall_drill)
+
+QUESTION = "Every wumpus is a zumpus. Every rumpus is a yumpus. Tom is a wumpus. Is Tom a zumpus or yumpus?"
+
+
+def words_of(text: str) -> list[str]:
+    """One word per token, as the word-level tokenizer splits (punctuation apart)."""
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def test_lookups_score_both_strategies_exactly():
+    prefix = words_of(QUESTION + "\n###")
+    answer = words_of("Every wumpus is a zumpus. Tom is a wumpus. Every rumpus is a yumpus.")
+    found = recall_drill.lookups(prefix + answer, len(prefix), QUESTION)
+    assert [(f.kind, f.index) for f in found] == [("every", 0), ("person", 1), ("every", 2)]
+    assert [(prefix + answer)[f.position] for f in found] == ["zumpus", "wumpus", "yumpus"]
+    # objects of the question: zumpus, yumpus, wumpus; elimination picks among those not yet listed
+    assert [f.elimination for f in found] == pytest.approx([1 / 3, 1 / 2, 1.0])
+    assert [f.any_object for f in found] == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+
+
+def test_a_repeated_fact_gives_elimination_nothing():
+    prefix = words_of(QUESTION + "\n###")
+    answer = words_of("Every wumpus is a zumpus. Every wumpus is a zumpus.")
+    found = recall_drill.lookups(prefix + answer, len(prefix), QUESTION)
+    assert [f.elimination for f in found] == pytest.approx([1 / 3, 0.0])
+
+
+@pytest.mark.parametrize("with_replacement", [False, True])
+def test_drill_answers_list_facts_of_the_question(tmp_path, with_replacement):
+    records = [{"question": QUESTION, "steps": ["Tom is a wumpus."], "answer": "Tom is a zumpus."}] * 30
+    source, out = tmp_path / "source.json", tmp_path / "drill.json"
+    source.write_text(json.dumps(records))
+    assert recall_drill.make_drill(str(source), str(out), seed=0, with_replacement=with_replacement) == 30
+    facts = Counter(["Every wumpus is a zumpus.", "Every rumpus is a yumpus.", "Tom is a wumpus."])
+    answers = [Counter(f.strip() for f in recall_drill.FACT.findall(r["answer"])) for r in json.loads(out.read_text())]
+    assert all(sum(a.values()) == 3 and set(a) <= set(facts) for a in answers)
+    assert all(not r["steps"] for r in json.loads(out.read_text()))
+    if with_replacement:
+        assert any(a != facts for a in answers)  # some answer repeats a fact (all 30 being permutations: (6/27)^30, 2.5e-20)
+    else:
+        assert all(a == facts for a in answers)
