@@ -59,3 +59,16 @@ def test_drill_answers_list_facts_of_the_question(tmp_path, with_replacement):
         assert any(a != facts for a in answers)  # some answer repeats a fact (all 30 being permutations: (6/27)^30, 2.5e-20)
     else:
         assert all(a == facts for a in answers)
+
+
+def test_lookups_find_the_objects_in_the_word_tokenizers_tokens():
+    """The probe splits text the way the runs' word-level tokenizer does: one decoded word per token."""
+    from noblankslate.model.tokenizer import build_word_tokenizer
+
+    answer = "Every wumpus is a zumpus. Tom is a wumpus. Every rumpus is a yumpus."
+    prefix = QUESTION + "\n### "
+    tokenizer = build_word_tokenizer([QUESTION, "### " + answer])
+    ids = tokenizer(prefix + answer).input_ids
+    words = [tokenizer.decode([t]).strip() for t in ids]
+    found = recall_drill.lookups(words, len(tokenizer(prefix).input_ids), QUESTION)
+    assert [(f.kind, words[f.position]) for f in found] == [("every", "zumpus"), ("person", "wumpus"), ("every", "yumpus")]

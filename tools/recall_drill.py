@@ -1,4 +1,4 @@
-"""The fact-recall drill of docs/table1.md (pilots P13-P20): does a small model learn the one-fact lookup?
+"""The fact-recall drill of docs/table1.md (pilots P13-P21): does a small model learn the one-fact lookup?
 
 Every question of the balanced task needs lookups ("which concept is X?"). The drill makes that lookup the
 whole task: the answer lists facts of the question, so each object after "Every X is a" must be found in
