@@ -308,7 +308,7 @@ class Coconut(nn.Module):
 
     def _compacted_passes(
         self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, layout: LatentLayout,
-        controller: ThoughtController | None = None,
+        controller: ThoughtController | None = None, decode_room: int | None = None,
     ) -> PassResult:
         """Generation's latent passes, each run only on the rows that still have a thought to feed.
 
@@ -317,7 +317,9 @@ class Coconut(nn.Module):
         the rest of its prompt runs once, in one call with the other rows that leave at that pass, and the
         later thought passes process the remaining rows only, with their KV cache rows compacted. So an
         early exit saves the compute of the passes it skips instead of masking them. The per-group caches
-        are merged back into one cache of every row for the batched decoding.
+        are merged back into one cache of every row for the batched decoding; with ``decode_room`` the
+        merge writes them straight into buffers with that many free positions per row (see
+        :func:`_preallocate`), so the cache is copied once, not merged and then copied again.
 
         Every row still computes exactly what it computes alone; the transformer calls are not the same
         in number as :meth:`_latent_passes` (a pass where rows leave makes two calls, one narrow, one
@@ -328,6 +330,8 @@ class Coconut(nn.Module):
         if layout.max_count == 0:
             cache = DynamicCache(config=self.base_causallm.config)
             hidden = self._backbone(embeds, attention_mask, position_ids, cache)
+            if decode_room is not None:
+                cache = _preallocate(cache, decode_room)
             return PassResult(hidden, embeds[:, :0], cache, layout.counts, 1)
         device = embeds.device
         counts = layout.counts
@@ -382,7 +386,8 @@ class Coconut(nn.Module):
                                  position_ids[rows, column : column + 1], cache)
             hidden[rows, column] = out[:, 0]
             forwards += 1
-        return PassResult(hidden, fed, _merge_rows(finished, batch, self.base_causallm.config), used, forwards)
+        merged = _merge_rows(finished, batch, self.base_causallm.config, decode_room)
+        return PassResult(hidden, fed, merged, used, forwards)
 
     @staticmethod
     def _skip_remaining_slots(
@@ -393,7 +398,9 @@ class Coconut(nn.Module):
         slots_end = (start + counts)[:, None]  # (B, 1)
         skipped = stop[:, None] & (columns >= start + step) & (columns < slots_end)  # (B, L)
         attention_mask.masked_fill_(skipped, 0)
-        after = stop[:, None] & (columns >= slots_end)
+        # only real columns move: a row with fewer thoughts than the batch's longest has pads after its
+        # end (position 0), which must not go negative (learned position tables index with them)
+        after = stop[:, None] & (columns >= slots_end) & attention_mask.bool()
         position_ids.sub_(torch.where(after, (counts - step)[:, None], 0))
 
     def forward(
@@ -522,11 +529,12 @@ class Coconut(nn.Module):
         embeds = self.embedding(prompts.input_ids)  # (B, W, D)
         prompt_mask, positions = prompts.attention_mask.clone(), prompts.position_ids.clone()
         if sync_forward_passes is None:
-            passed = self._compacted_passes(embeds, prompt_mask, positions, layout, controller=controller)
+            passed = self._compacted_passes(embeds, prompt_mask, positions, layout, controller=controller,
+                                            decode_room=max_new_tokens - 1 if preallocate else None)
         else:  # FSDP: the same transformer calls on every rank
             passed = self._latent_passes(embeds, prompt_mask, positions, layout, keep_cache=True, controller=controller)
         cache, forwards_run = passed.cache, passed.forwards
-        if preallocate:
+        if preallocate and sync_forward_passes is not None:  # the compacted passes preallocate as they merge
             cache = _preallocate(cache, max_new_tokens - 1)
         skipped = layout.counts - passed.used  # (B,) latent slots a stopped row did not use
         lengths_after_thoughts = prompts.lengths - skipped  # (B,) the row's prompt length as if alone
@@ -593,14 +601,19 @@ class _PreallocatedLayer(DynamicLayer):
     tensors of exactly the shapes and values the growing cache gives, so every result is the same.
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, capacity: int):
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int, batch: int | None = None):
+        """Buffers of ``capacity`` positions shaped like ``keys``/``values`` (with ``batch`` rows if given);
+        the first ``keys.shape[-2]`` hold ``keys``/``values`` unless ``batch`` is given, when the caller
+        fills the rows (:func:`_merge_rows`)."""
         super().__init__()
         length = keys.shape[-2]
-        self._key_buffer = keys.new_empty((*keys.shape[:-2], capacity, keys.shape[-1]))  # (B, H, capacity, d)
-        self._value_buffer = values.new_empty((*values.shape[:-2], capacity, values.shape[-1]))
-        self._key_buffer[..., :length, :].copy_(keys)
-        self._value_buffer[..., :length, :].copy_(values)
+        rows = keys.shape[0] if batch is None else batch
+        self._key_buffer = keys.new_empty((rows, *keys.shape[1:-2], capacity, keys.shape[-1]))  # (B, H, capacity, d)
+        self._value_buffer = values.new_empty((rows, *values.shape[1:-2], capacity, values.shape[-1]))
         self.keys, self.values = self._key_buffer[..., :length, :], self._value_buffer[..., :length, :]
+        if batch is None:
+            self.keys.copy_(keys)
+            self.values.copy_(values)
         self.device, self.is_initialized = keys.device, True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -628,17 +641,30 @@ def _select_rows(cache: DynamicCache, keep: Tensor, config) -> DynamicCache:
     return DynamicCache(ddp_cache_data=[(layer.keys[keep], layer.values[keep]) for layer in cache.layers], config=config)
 
 
-def _merge_rows(groups: list[tuple[Tensor, DynamicCache]], batch: int, config) -> DynamicCache:
-    """One cache of ``batch`` rows from caches of disjoint row groups (equal lengths)."""
-    if len(groups) == 1 and groups[0][0].numel() == batch and bool((groups[0][0] == torch.arange(batch, device=groups[0][0].device)).all()):
-        return groups[0][1]
-    data = []
-    for layer in range(len(groups[0][1].layers)):
-        first = groups[0][1].layers[layer]
-        keys = first.keys.new_empty((batch, *first.keys.shape[1:]))
-        values = first.values.new_empty((batch, *first.values.shape[1:]))
+def _merge_rows(groups: list[tuple[Tensor, DynamicCache]], batch: int, config, decode_room: int | None = None) -> Cache:
+    """One cache of ``batch`` rows from caches of disjoint row groups (equal lengths).
+
+    With ``decode_room`` the rows go straight into preallocated layers with that many free positions
+    (what :func:`_preallocate` makes of the merged cache, without the second copy)."""
+    first_rows, first_cache = groups[0]
+    if len(groups) == 1 and first_rows.numel() == batch and bool((first_rows == torch.arange(batch, device=first_rows.device)).all()):
+        return first_cache if decode_room is None else _preallocate(first_cache, decode_room)
+    preallocated = decode_room is not None and all(
+        type(layer) is DynamicLayer and layer.is_initialized for _, cache in groups for layer in cache.layers
+    )
+    layers = []
+    for layer in range(len(first_cache.layers)):
+        first = first_cache.layers[layer]
+        if preallocated:
+            merged = _PreallocatedLayer(first.keys, first.values, first.keys.shape[-2] + decode_room, batch=batch)
+            keys, values = merged.keys, merged.values
+        else:
+            keys = first.keys.new_empty((batch, *first.keys.shape[1:]))
+            values = first.values.new_empty((batch, *first.values.shape[1:]))
         for rows, cache in groups:
             keys[rows] = cache.layers[layer].keys
             values[rows] = cache.layers[layer].values
-        data.append((keys, values))
-    return DynamicCache(ddp_cache_data=data, config=config)
+        layers.append(merged if preallocated else (keys, values))
+    if preallocated:
+        return Cache(layers=layers)
+    return DynamicCache(ddp_cache_data=layers, config=config)
