@@ -61,6 +61,20 @@ def test_drill_answers_list_facts_of_the_question(tmp_path, with_replacement):
         assert all(a == facts for a in answers)
 
 
+def test_several_sources_are_mixed_reproducibly(tmp_path):
+    easy = {"question": "Tom is a wumpus. Sam is a yumpus. Is Tom a wumpus or yumpus?", "steps": [], "answer": "x"}
+    paths = [tmp_path / "task.json", tmp_path / "easy.json"]
+    paths[0].write_text(json.dumps([{"question": QUESTION, "steps": [], "answer": "x"}] * 20))
+    paths[1].write_text(json.dumps([easy] * 20))
+    questions = []
+    for name in ("a.json", "b.json"):
+        assert recall_drill.make_drill([str(p) for p in paths], str(tmp_path / name), seed=3) == 40
+        questions.append([r["question"] for r in json.loads((tmp_path / name).read_text())])
+    assert questions[0] == questions[1]  # the same seed, the same file
+    assert Counter(questions[0]) == Counter({QUESTION: 20, easy["question"]: 20})
+    assert questions[0] != sorted(questions[0]) and questions[0] != sorted(questions[0], reverse=True)  # mixed
+
+
 def test_lookups_find_the_objects_in_the_word_tokenizers_tokens():
     """The probe splits text the way the runs' word-level tokenizer does: one decoded word per token."""
     from noblankslate.model.tokenizer import build_word_tokenizer

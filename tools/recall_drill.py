@@ -36,11 +36,15 @@ FACT = re.compile(r"[^.?]+\.")
 FACT_PARTS = re.compile(r"(\w+) is a (\w+)\.")
 
 
-def make_drill(source: str, out: str, seed: int, with_replacement: bool = False) -> int:
-    """Write ``source``'s records with the answer replaced by the question's facts, no steps: each fact
-    once, shuffled, or as many facts drawn with replacement."""
+def make_drill(sources: str | list[str], out: str, seed: int, with_replacement: bool = False) -> int:
+    """Write the records of ``sources`` with the answer replaced by the question's facts, no steps: each
+    fact once, shuffled, or as many facts drawn with replacement. Several sources (for example easy graphs
+    with fewer facts beside the task's own, P23) are concatenated and their records shuffled together."""
     rng = random.Random(seed)
-    records = json.load(open(source, encoding="utf-8"))
+    sources = [sources] if isinstance(sources, str) else sources
+    records = [record for source in sources for record in json.load(open(source, encoding="utf-8"))]
+    if len(sources) > 1:
+        rng.shuffle(records)
     for record in records:
         facts = [f.strip() for f in FACT.findall(record["question"]) if not f.strip().startswith("Is ")]
         if with_replacement:
@@ -109,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("make", help="write the drill's data from a balanced data file")
-    m.add_argument("source")
+    m.add_argument("sources", nargs="+", metavar="source", help="balanced data files (several are mixed)")
     m.add_argument("out")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--with-replacement", action="store_true", help="draw the answer's facts with replacement")
@@ -119,7 +123,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=100)
     args = parser.parse_args()
     if args.command == "make":
-        print(f"{args.out}: {make_drill(args.source, args.out, args.seed, args.with_replacement)} records")
+        print(f"{args.out}: {make_drill(args.sources, args.out, args.seed, args.with_replacement)} records")
     else:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `probe ... | head` ends quietly, not with BrokenPipeError
         torch.set_num_threads(1)
