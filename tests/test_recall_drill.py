@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 _TOOL = Path(__file__).resolve().parents[1] / "tools" / "recall_drill.py"
 _spec = importlib.util.spec_from_file_location("recall_drill", _TOOL)
@@ -86,3 +87,27 @@ def test_lookups_find_the_objects_in_the_word_tokenizers_tokens():
     words = [tokenizer.decode([t]).strip() for t in ids]
     found = recall_drill.lookups(words, len(tokenizer(prefix).input_ids), QUESTION)
     assert [(f.kind, words[f.position]) for f in found] == [("every", "zumpus"), ("person", "wumpus"), ("every", "yumpus")]
+
+
+def test_attention_profile_tells_a_lookup_head_from_one_that_only_finds_objects():
+    prefix = words_of(QUESTION + "\n###")
+    words = prefix + words_of("Every wumpus is a zumpus. Tom is a wumpus. Every rumpus is a yumpus.")
+    start, length = len(prefix), len(words)
+    objects = {"wumpus": words.index("zumpus"), "rumpus": words.index("yumpus"), "Tom": len(words_of("Every wumpus is a zumpus. Every rumpus is a yumpus. Tom is a"))}
+    assert [words[p] for p in objects.values()] == ["zumpus", "yumpus", "wumpus"]
+    weights = torch.zeros(2, 2, length, length)
+    weights[..., 0] = 1.0  # by default every query looks at the first token
+    for query in range(2, length):  # layer 0, head 0: two tokens back
+        weights[0, 0, query] = 0.0
+        weights[0, 0, query, query - 2] = 1.0
+    queries = [i - 1 for i in range(start, length) if words[i - 1] == "a" and words[i - 4] == "Every"]
+    for query in queries:
+        weights[1, :, query] = 0.0
+        weights[1, 0, query, objects[words[query - 2]]] = 1.0  # a lookup head: the right fact's object
+        weights[1, 1, query, list(objects.values())] = 1 / 3  # finds objects, any of them
+    found = recall_drill.attention_profile(weights, words, start, QUESTION)
+    assert int(found["lookups"]) == 2 and int(found["positions"]) == length - start
+    assert found["offset"][0, 0].tolist() == [0.0, length - start, 0.0, 0.0, 0.0, 0.0]
+    assert found["offset"][1, 0].sum() == 0.0  # the default (first token) is never 1..6 back of an answer position
+    assert found["right"][1, 0] == pytest.approx(2.0) and found["wrong"][1, 0] == pytest.approx(0.0)
+    assert found["right"][1, 1] == pytest.approx(2 / 3) and found["wrong"][1, 1] == pytest.approx(2 / 3)

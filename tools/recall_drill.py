@@ -109,6 +109,63 @@ def probe(checkpoint: str, data: str, limit: int) -> dict[str, dict[str, float]]
             for kind, t in sums.items()}
 
 
+OFFSETS = 6
+"""attention_profile measures the mass each head puts 1..OFFSETS tokens back."""
+
+
+def attention_profile(attentions: torch.Tensor, words: list[str], start: int, question: str) -> dict[str, torch.Tensor]:
+    """Where each head of one drill sequence looks, summed over the answer's positions (not averaged, so
+    that sequences add up; ``positions`` and ``lookups`` are the divisors).
+
+    ``attentions``: (layers, heads, T, T), the attention weights of the sequence ``words``. Returned:
+    ``offset`` (layers, heads, OFFSETS), the mass at 1..OFFSETS tokens back from every answer position (a
+    head that copies the subject of a fact forward shows a peak at 2 or 3); at the query of every "every"
+    lookup whose subject has one fact in the question (the "a" before the object), ``right`` the mass on
+    that fact's object in the question and ``wrong`` the mean mass on each other object of the question. A
+    lookup head has ``right`` far above ``wrong``; a head that only finds objects has them equal.
+    """
+    layers, heads, length, _ = attentions.shape
+    queries = torch.arange(start, length)
+    offset = torch.stack([attentions[:, :, queries, queries - k].sum(-1) for k in range(1, OFFSETS + 1)], dim=-1)
+    objects: dict[str, list[int]] = {}  # subject -> positions of its objects in the question
+    for i in range(3, start):
+        if words[i - 1] == "a" and words[i - 2] == "is":
+            objects.setdefault(words[i - 3], []).append(i)
+    every_object = [position for positions in objects.values() for position in positions]
+    right, wrong, counted = torch.zeros(layers, heads), torch.zeros(layers, heads), 0
+    for lookup in lookups(words, start, question):
+        found = objects.get(words[lookup.position - 3], [])
+        if lookup.kind != "every" or len(found) != 1:
+            continue
+        query = lookup.position - 1
+        others = [position for position in every_object if position != found[0]]
+        right += attentions[:, :, query, found[0]]
+        wrong += attentions[:, :, query, others].sum(-1) / max(len(others), 1)
+        counted += 1
+    return {"offset": offset, "positions": torch.tensor(len(queries)), "right": right, "wrong": wrong,
+            "lookups": torch.tensor(counted)}
+
+
+@torch.no_grad()
+def attention(checkpoint: str, data: str, limit: int) -> dict[str, torch.Tensor]:
+    """:func:`attention_profile` of a checkpoint, averaged over the first ``limit`` records of ``data``."""
+    from noblankslate.inference import load
+
+    loaded = load(checkpoint)
+    model, tokenizer = loaded.model.base_causallm.eval(), loaded.tokenizer
+    model.set_attn_implementation("eager")  # the fused kernels return no weights
+    total: dict[str, torch.Tensor] = {}
+    for record in json.load(open(data, encoding="utf-8"))[:limit]:
+        prefix = record["question"] + "\n### "
+        ids = tokenizer(prefix + record["answer"], return_tensors="pt").input_ids
+        weights = torch.stack(model(input_ids=ids, output_attentions=True).attentions)[:, 0]  # (layers, heads, T, T)
+        words = [tokenizer.decode([t]).strip() for t in ids[0]]
+        for key, value in attention_profile(weights, words, len(tokenizer(prefix).input_ids), record["question"]).items():
+            total[key] = total.get(key, 0) + value
+    return {"offset": total["offset"] / total["positions"], "right": total["right"] / total["lookups"],
+            "wrong": total["wrong"] / total["lookups"], "lookups": total["lookups"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,12 +178,25 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("data")
     p.add_argument("--limit", type=int, default=100)
+    a = sub.add_parser("attention", help="where each head looks: back-offsets, and right against wrong objects")
+    a.add_argument("checkpoint")
+    a.add_argument("data")
+    a.add_argument("--limit", type=int, default=60)
     args = parser.parse_args()
     if args.command == "make":
         print(f"{args.out}: {make_drill(args.sources, args.out, args.seed, args.with_replacement)} records")
+        return
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `probe ... | head` ends quietly, not with BrokenPipeError
+    torch.set_num_threads(1)
+    if args.command == "attention":
+        found = attention(args.checkpoint, args.data, args.limit)
+        print(f"head  mass 1..{OFFSETS} tokens back (answer positions) | at the query of {int(found['lookups'])} "
+              "'every' lookups: right object, each wrong object")
+        for layer in range(found["right"].shape[0]):
+            for head in range(found["right"].shape[1]):
+                back = " ".join(f"{x:.2f}" for x in found["offset"][layer, head].tolist())
+                print(f"L{layer}H{head}  {back} | {found['right'][layer, head]:.3f} {found['wrong'][layer, head]:.3f}")
     else:
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `probe ... | head` ends quietly, not with BrokenPipeError
-        torch.set_num_threads(1)
         for kind, scores in probe(args.checkpoint, args.data, args.limit).items():
             print(f"{kind}: {scores['model']:.3f} of {scores['lookups']} lookups (elimination {scores['elimination']:.3f}, "
                   f"any object {scores['any object']:.3f}; first four of each answer {scores['first four']:.3f})")
