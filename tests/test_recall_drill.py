@@ -111,3 +111,10 @@ def test_attention_profile_tells_a_lookup_head_from_one_that_only_finds_objects(
     assert found["offset"][1, 0].sum() == 0.0  # the default (first token) is never 1..6 back of an answer position
     assert found["right"][1, 0] == pytest.approx(2.0) and found["wrong"][1, 0] == pytest.approx(0.0)
     assert found["right"][1, 1] == pytest.approx(2 / 3) and found["wrong"][1, 1] == pytest.approx(2 / 3)
+
+
+def test_an_empty_drill_file_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(SystemExit, match="empty.json: no records to probe"):
+        list(recall_drill._sequences(tokenizer=None, data=str(empty), limit=100))

@@ -82,21 +82,35 @@ def lookups(words: list[str], start: int, question: str) -> list[Lookup]:
     return found
 
 
+def _load(checkpoint: str):
+    """The checkpoint's transformer (no Coconut wrapper: the drill has no thoughts), in eval mode, and its
+    tokenizer."""
+    from noblankslate.inference import load
+
+    loaded = load(checkpoint)
+    return loaded.model.base_causallm.eval(), loaded.tokenizer
+
+
+def _sequences(tokenizer, data: str, limit: int):
+    """(record, token ids (1, T), one word per token, index of the answer's first token) for the first
+    ``limit`` records of ``data``, tokenized as the drill's runs saw them (question, "\\n### ", answer)."""
+    records = json.load(open(data, encoding="utf-8"))[:limit]
+    if not records:
+        raise SystemExit(f"{data}: no records to probe")
+    for record in records:
+        prefix = record["question"] + "\n### "
+        ids = tokenizer(prefix + record["answer"], return_tensors="pt").input_ids
+        yield record, ids, [tokenizer.decode([t]).strip() for t in ids[0]], len(tokenizer(prefix).input_ids)
+
+
 @torch.no_grad()
 def probe(checkpoint: str, data: str, limit: int) -> dict[str, dict[str, float]]:
     """Per kind: the model's score, the two strategies' expected scores, the score on the first four
     lookups of each answer, and the number of lookups."""
-    from noblankslate.inference import load
-
-    loaded = load(checkpoint)
-    model, tokenizer = loaded.model.base_causallm.eval(), loaded.tokenizer
+    model, tokenizer = _load(checkpoint)
     sums: dict[str, Counter[str]] = {"every": Counter(), "person": Counter()}
-    for record in json.load(open(data, encoding="utf-8"))[:limit]:
-        prefix = record["question"] + "\n### "
-        ids = tokenizer(prefix + record["answer"], return_tensors="pt").input_ids
-        start = len(tokenizer(prefix).input_ids)
+    for record, ids, words, start in _sequences(tokenizer, data, limit):
         predicted = model(input_ids=ids).logits.argmax(-1)[0]
-        words = [tokenizer.decode([t]).strip() for t in ids[0]]
         for lookup in lookups(words, start, record["question"]):
             right = int(predicted[lookup.position - 1] == ids[0, lookup.position])
             total = sums[lookup.kind]
@@ -149,19 +163,15 @@ def attention_profile(attentions: torch.Tensor, words: list[str], start: int, qu
 @torch.no_grad()
 def attention(checkpoint: str, data: str, limit: int) -> dict[str, torch.Tensor]:
     """:func:`attention_profile` of a checkpoint, averaged over the first ``limit`` records of ``data``."""
-    from noblankslate.inference import load
-
-    loaded = load(checkpoint)
-    model, tokenizer = loaded.model.base_causallm.eval(), loaded.tokenizer
+    model, tokenizer = _load(checkpoint)
     model.set_attn_implementation("eager")  # the fused kernels return no weights
     total: dict[str, torch.Tensor] = {}
-    for record in json.load(open(data, encoding="utf-8"))[:limit]:
-        prefix = record["question"] + "\n### "
-        ids = tokenizer(prefix + record["answer"], return_tensors="pt").input_ids
+    for record, ids, words, start in _sequences(tokenizer, data, limit):
         weights = torch.stack(model(input_ids=ids, output_attentions=True).attentions)[:, 0]  # (layers, heads, T, T)
-        words = [tokenizer.decode([t]).strip() for t in ids[0]]
-        for key, value in attention_profile(weights, words, len(tokenizer(prefix).input_ids), record["question"]).items():
+        for key, value in attention_profile(weights, words, start, record["question"]).items():
             total[key] = total.get(key, 0) + value
+    if not int(total["lookups"]):
+        raise SystemExit(f"{data}: no 'Every X is a' lookup with a single fact in the first {limit} records")
     return {"offset": total["offset"] / total["positions"], "right": total["right"] / total["lookups"],
             "wrong": total["wrong"] / total["lookups"], "lookups": total["lookups"]}
 

@@ -601,20 +601,16 @@ class _PreallocatedLayer(DynamicLayer):
     tensors of exactly the shapes and values the growing cache gives, so every result is the same.
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, capacity: int, batch: int | None = None):
-        """Buffers of ``capacity`` positions shaped like ``keys``/``values`` (with ``batch`` rows if given);
-        the first ``keys.shape[-2]`` hold ``keys``/``values`` unless ``batch`` is given, when the caller
-        fills the rows (:func:`_merge_rows`)."""
+    def __init__(self, rows: int, like_keys: Tensor, like_values: Tensor, extra: int):
+        """Empty buffers of ``rows`` rows shaped like ``like_keys``/``like_values`` with ``extra`` more
+        positions; ``keys``/``values`` are views of their first ``like_keys.shape[-2]`` positions, for the
+        caller to fill (:func:`_preallocate` copies a whole cache in, :func:`_merge_rows` row groups)."""
         super().__init__()
-        length = keys.shape[-2]
-        rows = keys.shape[0] if batch is None else batch
-        self._key_buffer = keys.new_empty((rows, *keys.shape[1:-2], capacity, keys.shape[-1]))  # (B, H, capacity, d)
-        self._value_buffer = values.new_empty((rows, *values.shape[1:-2], capacity, values.shape[-1]))
-        self.keys, self.values = self._key_buffer[..., :length, :], self._value_buffer[..., :length, :]
-        if batch is None:
-            self.keys.copy_(keys)
-            self.values.copy_(values)
-        self.device, self.is_initialized = keys.device, True
+        length = like_keys.shape[-2]
+        self._key_buffer = like_keys.new_empty((rows, *like_keys.shape[1:-2], length + extra, like_keys.shape[-1]))
+        self._value_buffer = like_values.new_empty((rows, *like_values.shape[1:-2], length + extra, like_values.shape[-1]))
+        self.keys, self.values = self._key_buffer[..., :length, :], self._value_buffer[..., :length, :]  # (B, H, L, d)
+        self.device, self.is_initialized = like_keys.device, True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         length, new = self.keys.shape[-2], key_states.shape[-2]
@@ -632,8 +628,13 @@ def _preallocate(cache: DynamicCache, extra: int) -> Cache:
     :class:`_PreallocatedLayer`); a cache of other layer kinds (sliding windows) is returned as it is."""
     if any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
         return cache
-    return Cache(layers=[_PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + extra)
-                         for layer in cache.layers])
+    layers = []
+    for layer in cache.layers:
+        room = _PreallocatedLayer(layer.keys.shape[0], layer.keys, layer.values, extra)
+        room.keys.copy_(layer.keys)
+        room.values.copy_(layer.values)
+        layers.append(room)
+    return Cache(layers=layers)
 
 
 def _select_rows(cache: DynamicCache, keep: Tensor, config) -> DynamicCache:
@@ -656,7 +657,7 @@ def _merge_rows(groups: list[tuple[Tensor, DynamicCache]], batch: int, config, d
     for layer in range(len(first_cache.layers)):
         first = first_cache.layers[layer]
         if preallocated:
-            merged = _PreallocatedLayer(first.keys, first.values, first.keys.shape[-2] + decode_room, batch=batch)
+            merged = _PreallocatedLayer(batch, first.keys, first.values, decode_room)
             keys, values = merged.keys, merged.values
         else:
             keys = first.keys.new_empty((batch, *first.keys.shape[1:]))
