@@ -89,13 +89,16 @@ def test_lookups_find_the_objects_in_the_word_tokenizers_tokens():
     assert [(f.kind, words[f.position]) for f in found] == [("every", "zumpus"), ("person", "wumpus"), ("every", "yumpus")]
 
 
-def test_attention_profile_tells_a_lookup_head_from_one_that_only_finds_objects():
+def test_attention_profile_tells_a_lookup_head_from_heads_that_only_find_objects():
+    """Three second-layer heads at every lookup's query: one looks up the right fact's object, one looks at
+    the objects of both "Every" facts alike (it knows the kind of object, not which one: P28), one at every
+    object. Only the first has ``right`` above ``same_kind``."""
     prefix = words_of(QUESTION + "\n###")
     words = prefix + words_of("Every wumpus is a zumpus. Tom is a wumpus. Every rumpus is a yumpus.")
     start, length = len(prefix), len(words)
     objects = {"wumpus": words.index("zumpus"), "rumpus": words.index("yumpus"), "Tom": len(words_of("Every wumpus is a zumpus. Every rumpus is a yumpus. Tom is a"))}
     assert [words[p] for p in objects.values()] == ["zumpus", "yumpus", "wumpus"]
-    weights = torch.zeros(2, 2, length, length)
+    weights = torch.zeros(2, 3, length, length)
     weights[..., 0] = 1.0  # by default every query looks at the first token
     for query in range(2, length):  # layer 0, head 0: two tokens back
         weights[0, 0, query] = 0.0
@@ -105,12 +108,13 @@ def test_attention_profile_tells_a_lookup_head_from_one_that_only_finds_objects(
         weights[1, :, query] = 0.0
         weights[1, 0, query, objects[words[query - 2]]] = 1.0  # a lookup head: the right fact's object
         weights[1, 1, query, list(objects.values())] = 1 / 3  # finds objects, any of them
+        weights[1, 2, query, [objects["wumpus"], objects["rumpus"]]] = 1 / 2  # finds the "Every" facts' objects
     found = recall_drill.attention_profile(weights, words, start, QUESTION)
     assert int(found["lookups"]) == 2 and int(found["positions"]) == length - start
     assert found["offset"][0, 0].tolist() == [0.0, length - start, 0.0, 0.0, 0.0, 0.0]
     assert found["offset"][1, 0].sum() == 0.0  # the default (first token) is never 1..6 back of an answer position
-    assert found["right"][1, 0] == pytest.approx(2.0) and found["wrong"][1, 0] == pytest.approx(0.0)
-    assert found["right"][1, 1] == pytest.approx(2 / 3) and found["wrong"][1, 1] == pytest.approx(2 / 3)
+    by_head = {key: [round(x, 6) for x in found[key][1].tolist()] for key in ("right", "same_kind", "other_kind")}
+    assert by_head == {"right": [2.0, 0.666667, 1.0], "same_kind": [0.0, 0.666667, 1.0], "other_kind": [0.0, 0.666667, 0.0]}
 
 
 def test_an_empty_drill_file_is_a_clear_error(tmp_path):
@@ -118,3 +122,31 @@ def test_an_empty_drill_file_is_a_clear_error(tmp_path):
     empty.write_text("[]")
     with pytest.raises(SystemExit, match="empty.json: no records to probe"):
         list(recall_drill._sequences(tokenizer=None, data=str(empty), limit=100))
+
+
+def test_attention_without_a_lookup_to_compare_is_a_clear_error(tmp_path, monkeypatch):
+    """A drill file whose answers have no "Every X is a" lookup (only person facts) cannot be profiled."""
+    data = tmp_path / "people.json"
+    data.write_text(json.dumps([{"question": "Tom is a wumpus. Is Tom a wumpus or zumpus?", "steps": [],
+                                 "answer": "Tom is a wumpus."}]))
+
+    class Model:
+        def set_attn_implementation(self, name):
+            pass
+
+        def __call__(self, input_ids, output_attentions):
+            length = input_ids.shape[1]
+            return type("Out", (), {"attentions": (torch.full((1, 1, length, length), 1 / length),)})
+
+    class Tokenizer:
+        def __call__(self, text, return_tensors=None):
+            ids = torch.arange(len(words_of(text)))[None]
+            self.words = words_of(text)
+            return type("Enc", (), {"input_ids": ids if return_tensors else ids[0].tolist()})
+
+        def decode(self, ids):
+            return self.words[ids[0]]
+
+    monkeypatch.setattr(recall_drill, "_load", lambda checkpoint: (Model(), Tokenizer()))
+    with pytest.raises(SystemExit, match="people.json: no 'Every X is a' lookup"):
+        recall_drill.attention("unused", str(data), limit=10)

@@ -135,29 +135,41 @@ def attention_profile(attentions: torch.Tensor, words: list[str], start: int, qu
     ``offset`` (layers, heads, OFFSETS), the mass at 1..OFFSETS tokens back from every answer position (a
     head that copies the subject of a fact forward shows a peak at 2 or 3); at the query of every "every"
     lookup whose subject has one fact in the question (the "a" before the object), ``right`` the mass on
-    that fact's object in the question and ``wrong`` the mean mass on each other object of the question. A
-    lookup head has ``right`` far above ``wrong``; a head that only finds objects has them equal.
+    that fact's object in the question, ``same_kind`` the mean mass on each object of the question's other
+    "Every" facts and ``other_kind`` the mean on each object of a person's fact. A lookup head has
+    ``right`` far above ``same_kind``; a head that finds the objects of "Every" facts, whichever subject
+    they belong to, has ``right`` equal to ``same_kind`` and both above ``other_kind``. (One mean over all
+    other objects hides that second head: with two "Every" facts and two person facts it reads as right 0.5
+    against 0.17, P28.) Only lookups with objects of both kinds to compare are counted.
     """
     layers, heads, length, _ = attentions.shape
     queries = torch.arange(start, length)
     offset = torch.stack([attentions[:, :, queries, queries - k].sum(-1) for k in range(1, OFFSETS + 1)], dim=-1)
     objects: dict[str, list[int]] = {}  # subject -> positions of its objects in the question
+    every_fact_objects = set()
     for i in range(3, start):
         if words[i - 1] == "a" and words[i - 2] == "is":
             objects.setdefault(words[i - 3], []).append(i)
+            if i >= 4 and words[i - 4].lower() == "every":
+                every_fact_objects.add(i)
     every_object = [position for positions in objects.values() for position in positions]
-    right, wrong, counted = torch.zeros(layers, heads), torch.zeros(layers, heads), 0
+    right, same_kind, other_kind = (torch.zeros(layers, heads) for _ in range(3))
+    counted = 0
     for lookup in lookups(words, start, question):
         found = objects.get(words[lookup.position - 3], [])
         if lookup.kind != "every" or len(found) != 1:
             continue
+        same = [p for p in every_object if p != found[0] and p in every_fact_objects]
+        other = [p for p in every_object if p not in every_fact_objects]
+        if not same or not other:
+            continue
         query = lookup.position - 1
-        others = [position for position in every_object if position != found[0]]
         right += attentions[:, :, query, found[0]]
-        wrong += attentions[:, :, query, others].sum(-1) / max(len(others), 1)
+        same_kind += attentions[:, :, query, same].sum(-1) / len(same)
+        other_kind += attentions[:, :, query, other].sum(-1) / len(other)
         counted += 1
-    return {"offset": offset, "positions": torch.tensor(len(queries)), "right": right, "wrong": wrong,
-            "lookups": torch.tensor(counted)}
+    return {"offset": offset, "positions": torch.tensor(len(queries)), "right": right, "same_kind": same_kind,
+            "other_kind": other_kind, "lookups": torch.tensor(counted)}
 
 
 @torch.no_grad()
@@ -171,9 +183,10 @@ def attention(checkpoint: str, data: str, limit: int) -> dict[str, torch.Tensor]
         for key, value in attention_profile(weights, words, start, record["question"]).items():
             total[key] = total.get(key, 0) + value
     if not int(total["lookups"]):
-        raise SystemExit(f"{data}: no 'Every X is a' lookup with a single fact in the first {limit} records")
-    return {"offset": total["offset"] / total["positions"], "right": total["right"] / total["lookups"],
-            "wrong": total["wrong"] / total["lookups"], "lookups": total["lookups"]}
+        raise SystemExit(f"{data}: no 'Every X is a' lookup with a single fact (and objects of both kinds "
+                         f"to compare) in the first {limit} records")
+    return {"offset": total["offset"] / total["positions"], "lookups": total["lookups"],
+            **{key: total[key] / total["lookups"] for key in ("right", "same_kind", "other_kind")}}
 
 
 def main() -> None:
@@ -201,11 +214,12 @@ def main() -> None:
     if args.command == "attention":
         found = attention(args.checkpoint, args.data, args.limit)
         print(f"head  mass 1..{OFFSETS} tokens back (answer positions) | at the query of {int(found['lookups'])} "
-              "'every' lookups: right object, each wrong object")
+              "'every' lookups: right object, each other 'Every' fact's object, each person fact's object")
         for layer in range(found["right"].shape[0]):
             for head in range(found["right"].shape[1]):
                 back = " ".join(f"{x:.2f}" for x in found["offset"][layer, head].tolist())
-                print(f"L{layer}H{head}  {back} | {found['right'][layer, head]:.3f} {found['wrong'][layer, head]:.3f}")
+                masses = " ".join(f"{found[key][layer, head]:.3f}" for key in ("right", "same_kind", "other_kind"))
+                print(f"L{layer}H{head}  {back} | {masses}")
     else:
         for kind, scores in probe(args.checkpoint, args.data, args.limit).items():
             print(f"{kind}: {scores['model']:.3f} of {scores['lookups']} lookups (elimination {scores['elimination']:.3f}, "
