@@ -78,6 +78,21 @@ def show_stats(path: str, compare: str | None = None, tokenizer: str | None = No
     return 0
 
 
+def symbolic(in_path: str, out_path: str, seed: int, symbols: int) -> int:
+    """Write the ProsQA records of ``in_path`` as symbol tokens (``noblankslate.data.symbolic``)."""
+    from noblankslate.data.convert import write_json_atomic
+    from noblankslate.data.symbolic import symbolic_examples
+
+    records = read_records(in_path)
+    problems = check_records(records, in_path)
+    if problems:
+        raise DataError(problems)
+    examples = symbolic_examples(records, seed, symbols, source=in_path)
+    write_json_atomic(examples, out_path, inputs=[in_path])
+    print(f"{out_path}: {len(examples)} records of {in_path} as symbols (seed {seed}, {symbols} symbols)")
+    return 0
+
+
 def _int_range(text: str) -> tuple[int, int]:
     """``"LO-HI"`` or ``"N"`` -> an inclusive ``(lo, hi)`` range, for argparse."""
     low, _, high = text.partition("-")
@@ -240,3 +255,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="branch length = root -> target distance = steps, drawn per graph (default: 3-4)")
     p.add_argument("--shortcuts", action="store_true", help="also print what the shortcut rules score on the file")
     p.set_defaults(handler=lambda a: balanced(a.out, a.num, a.seed, a.exclude, a.branches, a.distance, a.shortcuts))
+
+    p = commands.add_parser(
+        "symbolic", help="write ProsQA records as symbol tokens (one token per node, a fact as 'a b')",
+        description="Write the records of a ProsQA-format file (published, generated or balanced; the graph fields "
+                    "are needed) in the symbolic encoding of Zhu, Hao et al. 2025: every node a random symbol "
+                    "0..N-1, the question the facts 'a b' in random order joined by ' | ', then '[Q] o1 o2 [R] root'; "
+                    "the steps the path's nodes, the answer the target. The graph fields are kept. Convert the "
+                    "training and the held-out file with the same --symbols. See docs/table1.md.")
+    p.add_argument("input", metavar="IN.json", help="ProsQA-format data file")
+    p.add_argument("out", metavar="OUT.json", help="output file (written atomically)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--symbols", type=int, default=32, help="size of the symbol pool (default: 32)")
+    p.set_defaults(handler=lambda a: symbolic(a.input, a.out, a.seed, a.symbols))

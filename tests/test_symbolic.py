@@ -1,0 +1,101 @@
+"""ProsQA records written as symbols (noblankslate.data.symbolic): the same graph, the same question, in the
+encoding where a fact's object is the token right after its subject."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from noblankslate.cli import main
+from noblankslate.data.balanced import BalancedConfig, generate_balanced, shortcut_accuracies
+from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
+from noblankslate.data.symbolic import symbolic_example, symbolic_examples
+from noblankslate.errors import InvalidValue
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prosqa_valid.json"
+
+
+def read_back(record: dict) -> tuple[set[tuple[str, str]], list[str], str]:
+    """The facts, the two options and the root of a symbolic question, parsed from its text alone."""
+    facts, _, query = record["question"].partition(" [Q] ")
+    options, _, root = query.partition(" [R] ")
+    return {tuple(fact.split()) for fact in facts.split(" | ")}, options.split(), root
+
+
+def sources() -> list[dict]:
+    return (generate_balanced(40, seed=3, config=BalancedConfig(branches=(1, 3), distance=(1, 4)))
+            + generate_prosqa(20, seed=4, config=ProsQAConfig.small()))
+
+
+def test_the_question_holds_the_graph_and_the_steps_walk_it_to_the_answer():
+    for original, record in zip(sources(), symbolic_examples(sources(), seed=0)):
+        symbol = record["idx_to_symbol"]
+        facts, options, root = read_back(record)
+        assert facts == {(symbol[a], symbol[b]) for a, b in original["edges"]}
+        assert len(record["question"].split(" | ")) == len(original["edges"])  # each fact once
+        assert sorted(options) == sorted([symbol[original["target"]], symbol[original["neg_target"]]])
+        assert root == symbol[original["root"]]
+        walk = [root] + record["steps"]
+        assert all(pair in facts for pair in zip(walk, walk[1:]))
+        assert len(record["steps"]) == len(original["steps"]) and record["answer"] == record["steps"][-1] == symbol[original["target"]]
+        assert len(set(symbol)) == len(symbol) and all(0 <= int(s) < 32 for s in symbol)
+        assert {k: original[k] for k in ("edges", "root", "target", "neg_target")} == \
+            {k: record[k] for k in ("edges", "root", "target", "neg_target")}
+
+
+def test_the_published_validation_set_converts():
+    records = json.loads(PUBLISHED.read_text())[:50]
+    for original, record in zip(records, symbolic_examples(records, seed=0)):
+        assert read_back(record)[2] == record["idx_to_symbol"][original["root"]]
+        assert record["answer"] == record["idx_to_symbol"][original["target"]]
+
+
+def test_one_symbol_one_token_and_the_object_right_after_its_subject():
+    """With the word-level tokenizer every symbol is one token, so the lookup is one token back."""
+    from noblankslate.model.tokenizer import build_word_tokenizer
+
+    record = symbolic_examples(generate_balanced(1, seed=5, config=BalancedConfig(branches=(2, 2), distance=(3, 3))), 0)[0]
+    tokenizer = build_word_tokenizer([record["question"]])
+    pieces = [tokenizer.decode([t]).strip() for t in tokenizer(record["question"]).input_ids]
+    facts = record["question"].split(" [Q] ")[0].split(" | ")
+    assert pieces[: 3 * len(facts) - 1] == " | ".join(facts).split()
+
+
+def test_the_same_seed_gives_the_same_file_and_ids_carry_nothing():
+    assert symbolic_examples(sources(), seed=1) == symbolic_examples(sources(), seed=1)
+    assert symbolic_examples(sources(), seed=1) != symbolic_examples(sources(), seed=2)
+    # In ProsQA node ids are a topological order; the symbols are drawn at random, so "the option with the
+    # larger symbol" is a coin flip.
+    records = symbolic_examples(generate_balanced(2000, seed=6, config=BalancedConfig(branches=(2, 2), distance=(1, 3))), 0)
+    larger = sum(int(r["idx_to_symbol"][r["target"]]) > int(r["idx_to_symbol"][r["neg_target"]]) for r in records)
+    assert abs(larger / len(records) - 0.5) < 0.04
+    assert shortcut_accuracies(records)["best_one_hop"]["accuracy"] < 0.54  # the graph, and so its balance, is kept
+
+
+def test_bad_records_are_clear_errors():
+    good = generate_balanced(1, seed=7, config=BalancedConfig(branches=(2, 2), distance=(2, 2)))[0]
+    rng = random.Random(0)
+    with pytest.raises(InvalidValue, match=r"f.json, record 3: no field 'edges'"):
+        symbolic_example({k: v for k, v in good.items() if k != "edges"}, rng, where="f.json, record 3")
+    with pytest.raises(InvalidValue, match=r"field 'idx_to_symbol': 10 nodes, more than the 8 symbols"):
+        symbolic_example(good, rng, symbols=8)
+    with pytest.raises(InvalidValue, match=r"field 'steps', step 1: 'Every X is a Y.' is not a fact of this graph"):
+        symbolic_example({**good, "steps": [good["steps"][0], "Every X is a Y."]}, rng)
+    with pytest.raises(InvalidValue, match=r"field 'steps', step 0: .* does not continue the path"):
+        symbolic_example({**good, "steps": good["steps"][::-1]}, rng)
+    with pytest.raises(InvalidValue, match=r"field 'steps': the path ends at node"):
+        symbolic_example({**good, "steps": good["steps"][:1]}, rng)
+
+
+def test_the_command_writes_the_file_and_keeps_its_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps(sources()))
+    out = tmp_path / "out.json"
+    assert main(["data", "symbolic", str(source), str(out), "--seed", "1"]) == 0
+    assert json.loads(out.read_text()) == symbolic_examples(sources(), seed=1)
+    assert capsys.readouterr().out == f"{out}: 60 records of {source} as symbols (seed 1, 32 symbols)\n"
+    assert main(["data", "symbolic", str(source), str(source)]) != 0
+    assert "refusing to overwrite the input file" in capsys.readouterr().err
