@@ -38,9 +38,9 @@ def test_the_question_holds_the_graph_and_the_steps_walk_it_to_the_answer():
         assert len(record["question"].split(" | ")) == len(original["edges"])  # each fact once
         assert sorted(options) == sorted([symbol[original["target"]], symbol[original["neg_target"]]])
         assert root == symbol[original["root"]]
-        walk = [root] + record["steps"]
+        walk = [root] + [step.strip() for step in record["steps"]]
         assert all(pair in facts for pair in zip(walk, walk[1:]))
-        assert len(record["steps"]) == len(original["steps"]) and record["answer"] == record["steps"][-1] == symbol[original["target"]]
+        assert len(record["steps"]) == len(original["steps"]) and record["answer"] == walk[-1] == symbol[original["target"]]
         assert len(set(symbol)) == len(symbol) and all(0 <= int(s) < 32 for s in symbol)
         assert {k: original[k] for k in ("edges", "root", "target", "neg_target")} == \
             {k: record[k] for k in ("edges", "root", "target", "neg_target")}
@@ -53,15 +53,23 @@ def test_the_published_validation_set_converts():
         assert record["answer"] == record["idx_to_symbol"][original["target"]]
 
 
-def test_one_symbol_one_token_and_the_object_right_after_its_subject():
-    """With the word-level tokenizer every symbol is one token, so the lookup is one token back."""
+def test_one_symbol_one_token_the_same_in_question_steps_and_answer():
+    """With the word-level tokenizer every symbol is one token, a fact's object right after its subject, and
+    a node is the same token in the question, in a step and in the answer, as the collator tokenizes them."""
+    from noblankslate.data.schema import Example
+    from noblankslate.data.tokenize import full_text, tokenize_examples
     from noblankslate.model.tokenizer import build_word_tokenizer
 
     record = symbolic_examples(generate_balanced(1, seed=5, config=BalancedConfig(branches=(2, 2), distance=(3, 3))), 0)[0]
-    tokenizer = build_word_tokenizer([record["question"]])
+    example = Example(0, record["question"], record["answer"], tuple(record["steps"]))
+    tokenizer = build_word_tokenizer([full_text(example)])
     pieces = [tokenizer.decode([t]).strip() for t in tokenizer(record["question"]).input_ids]
     facts = record["question"].split(" [Q] ")[0].split(" | ")
     assert pieces[: 3 * len(facts) - 1] == " | ".join(facts).split()
+    [tokens] = tokenize_examples([example], tokenizer)
+    question = set(tokens.question_ids)
+    assert all(step[0] in question for step in tokens.step_ids)  # each step's node, as the question writes it
+    assert tokens.answer_ids[1] == tokens.step_ids[-1][0]  # "###", then the target as the last step names it
 
 
 def test_the_same_seed_gives_the_same_file_and_ids_carry_nothing():

@@ -17,8 +17,11 @@ prosqa``, ``nbs data balanced``) that way, keeping its graph, so every tool that
   carry nothing: in ProsQA the ids are a topological order); ``idx_to_symbol`` holds them;
 * ``question``: the edges "a b" in random order, joined by " | ", then " [Q] o1 o2 [R] root" with the
   options in random order;
-* ``steps``: the symbols of the path's nodes after the root, one per step (the record's own steps name
-  the path; they are read, not searched for, so a record with several shortest paths keeps its own);
+* ``steps``: the symbols of the path's nodes after the root, one per step, each after a space (the record's
+  own steps name the path; they are read, not searched for, so a record with several shortest paths
+  keeps its own). The space matters: a word-level or BPE tokenizer reads " 7" and "7" as two unrelated
+  tokens, and a step follows a newline, so without it the steps would name every node by a different
+  token than the question and the answer do ("### " + answer gives " 7");
 * ``answer``: the target's symbol.
 """
 
@@ -76,7 +79,7 @@ def symbolic_example(example: dict[str, Any], rng: random.Random, symbols: int =
     return {
         **example,
         "question": " | ".join(facts) + f" [Q] {options[0]} {options[1]} [R] {symbol[example['root']]}",
-        "steps": [symbol[node] for node in path[1:]],
+        "steps": [" " + symbol[node] for node in path[1:]],
         "answer": symbol[example["target"]],
         "idx_to_symbol": symbol,
     }
