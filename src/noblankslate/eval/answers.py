@@ -8,6 +8,11 @@ the paper, and two deliberate differences, both documented in docs/training.md:
 * an output with no ``#`` has no answer and counts as wrong (the original compared the whole
   question-plus-output text, which cannot match in practice, but could for a question ending in ``#``);
 * a multi-line question does not shift the chain of thought (the original dropped only the first line).
+
+The chain of thought is compared line by line with the white space around each line stripped, on both
+sides: identical to the original for the paper's data, whose steps have none, and right for steps that
+begin with a space (``nbs data symbolic`` writes " 7", so that the node is the question's token), which
+the original could never match, since it strips the generated text.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ def extract_answer(generated: str) -> str | None:
 
 
 def extract_cot(generated: str) -> str:
-    """The generated reasoning: everything before the first ``#``, stripped."""
-    return generated.split("#")[0].strip()
+    """The generated reasoning: everything before the first ``#``, stripped, each line stripped."""
+    return "\n".join(line.strip() for line in generated.split("#")[0].strip().split("\n"))
 
 
 def reference_cot(steps: tuple[str, ...] | list[str]) -> str:
-    """The reference chain of thought: the steps joined by newlines (as the original)."""
-    return "\n".join(steps)
+    """The reference chain of thought: the steps, each stripped, joined by newlines (as the original)."""
+    return "\n".join(step.strip() for step in steps)
