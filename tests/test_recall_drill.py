@@ -150,3 +150,25 @@ def test_attention_without_a_lookup_to_compare_is_a_clear_error(tmp_path, monkey
     monkeypatch.setattr(recall_drill, "_load", lambda checkpoint: (Model(), Tokenizer()))
     with pytest.raises(SystemExit, match="people.json: no 'Every X is a' lookup"):
         recall_drill.attention("unused", str(data), limit=10)
+
+
+SYMBOLIC = "3 7 | 0 3 | 1 9 | 0 5 [Q] 7 9 [R] 0"
+
+
+def test_symbolic_drill_lists_the_facts_with_replacement(tmp_path):
+    source = tmp_path / "symbolic.json"
+    source.write_text(json.dumps([{"question": SYMBOLIC, "steps": [" 3", " 7"], "answer": "7"}]))
+    out = tmp_path / "drill.json"
+    assert recall_drill.make_drill(str(source), str(out), seed=0) == 1
+    [record] = json.loads(out.read_text())
+    facts = record["answer"].split(" | ")
+    assert record["steps"] == [] and len(facts) == 4 and set(facts) <= {"3 7", "0 3", "1 9", "0 5"}
+
+
+def test_symbolic_lookups_score_objects_whose_subject_has_one_child():
+    """'0' has two children (3 and 5): two right answers, not scored; '3' and '1' have one."""
+    prefix = SYMBOLIC.split() + ["###"]
+    words = prefix + "0 3 | 3 7 | 1 9 | 3 7".split()
+    found = recall_drill.symbolic_lookups(words, len(prefix), SYMBOLIC)
+    assert [(words[f.position - 1], words[f.position], f.index) for f in found] == [("3", "7", 1), ("1", "9", 2), ("3", "7", 3)]
+    assert all(f.any_object == pytest.approx(1 / 4) for f in found)  # nodes 0 1 3 5 7 9, minus the two people

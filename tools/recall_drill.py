@@ -34,24 +34,29 @@ import torch
 
 FACT = re.compile(r"[^.?]+\.")
 FACT_PARTS = re.compile(r"(\w+) is a (\w+)\.")
+SYMBOLIC_QUERY = " [Q] "
+"""Marks a question of ``nbs data symbolic`` ("a b | c d | ... [Q] o1 o2 [R] root")."""
 
 
 def make_drill(sources: str | list[str], out: str, seed: int, with_replacement: bool = False) -> int:
     """Write the records of ``sources`` with the answer replaced by the question's facts, no steps: each
     fact once, shuffled, or as many facts drawn with replacement. Several sources (for example easy graphs
-    with fewer facts beside the task's own, P23) are concatenated and their records shuffled together."""
+    with fewer facts beside the task's own, P23) are concatenated and their records shuffled together.
+    Symbolic records (``nbs data symbolic``) get "a b | c d | ..." drawn with replacement always."""
     rng = random.Random(seed)
     sources = [sources] if isinstance(sources, str) else sources
     records = [record for source in sources for record in json.load(open(source, encoding="utf-8"))]
     if len(sources) > 1:
         rng.shuffle(records)
     for record in records:
-        facts = [f.strip() for f in FACT.findall(record["question"]) if not f.strip().startswith("Is ")]
-        if with_replacement:
+        symbolic = SYMBOLIC_QUERY in record["question"]
+        facts = (record["question"].split(SYMBOLIC_QUERY)[0].split(" | ") if symbolic else
+                 [f.strip() for f in FACT.findall(record["question"]) if not f.strip().startswith("Is ")])
+        if with_replacement or symbolic:
             facts = [rng.choice(facts) for _ in facts]
         else:
             rng.shuffle(facts)
-        record["steps"], record["answer"] = [], " ".join(facts)
+        record["steps"], record["answer"] = [], (" | " if symbolic else " ").join(facts)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(records, f)
     return len(records)
@@ -80,6 +85,19 @@ def lookups(words: list[str], start: int, question: str) -> list[Lookup]:
                                 objects[words[i]] / max(sum(objects.values()), 1)))
             listed[words[i]] += 1
     return found
+
+
+def symbolic_lookups(words: list[str], start: int, question: str) -> list[Lookup]:
+    """The scored positions of a symbolic drill answer ("a b | c d | ..."): each fact's object whose subject
+    has one child in the question (the others have two right answers). Kind "every"; ``any_object`` is
+    naming a random node of the question other than two (a balanced graph's two people, never an object),
+    ``elimination`` the same (with replacement it gains nothing)."""
+    facts = [fact.split() for fact in question.split(SYMBOLIC_QUERY)[0].split(" | ")]
+    children = Counter(subject for subject, _ in facts)
+    chance = 1 / max(len({node for fact in facts for node in fact}) - 2, 1)
+    objects = [i for i in range(max(start, 1), len(words)) if words[i].isdigit() and words[i - 1].isdigit()]
+    return [Lookup("every", i, index, chance, chance) for index, i in enumerate(objects)
+            if children[words[i - 1]] == 1]
 
 
 def _load(checkpoint: str):
@@ -111,7 +129,8 @@ def probe(checkpoint: str, data: str, limit: int) -> dict[str, dict[str, float]]
     sums: dict[str, Counter[str]] = {"every": Counter(), "person": Counter()}
     for record, ids, words, start in _sequences(tokenizer, data, limit):
         predicted = model(input_ids=ids).logits.argmax(-1)[0]
-        for lookup in lookups(words, start, record["question"]):
+        find = symbolic_lookups if SYMBOLIC_QUERY in record["question"] else lookups
+        for lookup in find(words, start, record["question"]):
             right = int(predicted[lookup.position - 1] == ids[0, lookup.position])
             total = sums[lookup.kind]
             total.update(model=right, elimination=lookup.elimination, any_object=lookup.any_object, lookups=1)
