@@ -38,9 +38,11 @@ def test_the_question_holds_the_graph_and_the_steps_walk_it_to_the_answer():
         assert len(record["question"].split(" | ")) == len(original["edges"])  # each fact once
         assert sorted(options) == sorted([symbol[original["target"]], symbol[original["neg_target"]]])
         assert root == symbol[original["root"]]
-        walk = [root] + [step.strip() for step in record["steps"]]
-        assert all(pair in facts for pair in zip(walk, walk[1:]))
-        assert len(record["steps"]) == len(original["steps"]) and record["answer"] == walk[-1] == symbol[original["target"]]
+        steps = [tuple(step.split()) for step in record["steps"]]
+        assert all(step in facts for step in steps) and all(step.startswith(" ") for step in record["steps"])
+        walk = [root] + [obj for _, obj in steps]
+        assert [subject for subject, _ in steps] == walk[:-1]  # each step starts where the last one ended
+        assert len(steps) == len(original["steps"]) and record["answer"] == walk[-1] == symbol[original["target"]]
         assert len(set(symbol)) == len(symbol) and all(0 <= int(s) < 32 for s in symbol)
         assert {k: original[k] for k in ("edges", "root", "target", "neg_target")} == \
             {k: record[k] for k in ("edges", "root", "target", "neg_target")}
@@ -68,8 +70,8 @@ def test_one_symbol_one_token_the_same_in_question_steps_and_answer():
     assert pieces[: 3 * len(facts) - 1] == " | ".join(facts).split()
     [tokens] = tokenize_examples([example], tokenizer)
     question = set(tokens.question_ids)
-    assert all(step[0] in question for step in tokens.step_ids)  # each step's node, as the question writes it
-    assert tokens.answer_ids[1] == tokens.step_ids[-1][0]  # "###", then the target as the last step names it
+    assert all(step[0] in question and step[1] in question for step in tokens.step_ids)  # the nodes as the question writes them
+    assert tokens.answer_ids[1] == tokens.step_ids[-1][1]  # "###", then the target as the last step names it
 
 
 def test_the_same_seed_gives_the_same_file_and_ids_carry_nothing():

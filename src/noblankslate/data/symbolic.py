@@ -17,11 +17,14 @@ prosqa``, ``nbs data balanced``) that way, keeping its graph, so every tool that
   carry nothing: in ProsQA the ids are a topological order); ``idx_to_symbol`` holds them;
 * ``question``: the edges "a b" in random order, joined by " | ", then " [Q] o1 o2 [R] root" with the
   options in random order;
-* ``steps``: the symbols of the path's nodes after the root, one per step, each after a space (the record's
-  own steps name the path; they are read, not searched for, so a record with several shortest paths
-  keeps its own). The space matters: a word-level or BPE tokenizer reads " 7" and "7" as two unrelated
-  tokens, and a step follows a newline, so without it the steps would name every node by a different
-  token than the question and the answer do ("### " + answer gives " 7");
+* ``steps``: the facts of the path, one per step, as the question writes them ("18 25"; ProsQA's steps
+  are the path's facts too), each after a space. The record's own steps name the path; they are read,
+  not searched for, so a record with several shortest paths keeps its own. (Zhu et al. write only the
+  path's nodes; a step that names its subject lets the written chain make each hop as the lookup the
+  question trains, the object right after its subject.) The space matters: a word-level or BPE
+  tokenizer reads " 7" and "7" as two unrelated tokens, and a step follows a newline, so without it the
+  steps would name every node by another token than the question and the answer do ("### " + answer
+  gives " 7");
 * ``answer``: the target's symbol.
 """
 
@@ -79,7 +82,7 @@ def symbolic_example(example: dict[str, Any], rng: random.Random, symbols: int =
     return {
         **example,
         "question": " | ".join(facts) + f" [Q] {options[0]} {options[1]} [R] {symbol[example['root']]}",
-        "steps": [" " + symbol[node] for node in path[1:]],
+        "steps": [f" {symbol[a]} {symbol[b]}" for a, b in zip(path, path[1:])],
         "answer": symbol[example["target"]],
         "idx_to_symbol": symbol,
     }
