@@ -261,7 +261,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write the records of a ProsQA-format file (published, generated or balanced; the graph fields "
                     "are needed) in the symbolic encoding of Zhu, Hao et al. 2025: every node a random symbol "
                     "0..N-1, the question the facts 'a b' in random order joined by ' | ', then '[Q] o1 o2 [R] root'; "
-                    "the steps the path's nodes, the answer the target. The graph fields are kept. Convert the "
+                    "the steps the path's facts ' a b', the answer the target. The graph fields are kept. Convert the "
                     "training and the held-out file with the same --symbols. See docs/table1.md.")
     p.add_argument("input", metavar="IN.json", help="ProsQA-format data file")
     p.add_argument("out", metavar="OUT.json", help="output file (written atomically)")
