@@ -48,6 +48,20 @@ def test_the_question_holds_the_graph_and_the_steps_walk_it_to_the_answer():
             {k: record[k] for k in ("edges", "root", "target", "neg_target")}
 
 
+def test_node_steps_walk_the_same_path_one_node_per_step():
+    """With ``steps="nodes"`` each step is the node the path reaches, every one a child of the node before
+    (the root for the first); everything else is what the fact steps' file has, draw for draw."""
+    for facts, nodes in zip(symbolic_examples(sources(), seed=0), symbolic_examples(sources(), seed=0, steps="nodes")):
+        assert {k: v for k, v in facts.items() if k != "steps"} == {k: v for k, v in nodes.items() if k != "steps"}
+        edges, _, root = read_back(nodes)
+        walk = [root] + [step.strip() for step in nodes["steps"]]
+        assert all(step.startswith(" ") and len(step.split()) == 1 for step in nodes["steps"])
+        assert all((a, b) in edges for a, b in zip(walk, walk[1:])) and walk[-1] == nodes["answer"]
+        assert [step.split()[1] for step in facts["steps"]] == walk[1:]
+    with pytest.raises(InvalidValue, match=r"steps: 'edges' is not one of facts, nodes"):
+        symbolic_examples(sources(), seed=0, steps="edges")
+
+
 def test_the_published_validation_set_converts():
     records = json.loads(PUBLISHED.read_text())[:50]
     for original, record in zip(records, symbolic_examples(records, seed=0)):
@@ -106,6 +120,10 @@ def test_the_command_writes_the_file_and_keeps_its_input(tmp_path: Path, capsys:
     out = tmp_path / "out.json"
     assert main(["data", "symbolic", str(source), str(out), "--seed", "1"]) == 0
     assert json.loads(out.read_text()) == symbolic_examples(sources(), seed=1)
-    assert capsys.readouterr().out == f"{out}: 60 records of {source} as symbols (seed 1, 32 symbols)\n"
+    assert capsys.readouterr().out == f"{out}: 60 records of {source} as symbols (seed 1, 32 symbols, steps as facts)\n"
+    nodes = tmp_path / "nodes.json"
+    assert main(["data", "symbolic", str(source), str(nodes), "--seed", "1", "--steps", "nodes"]) == 0
+    assert json.loads(nodes.read_text()) == symbolic_examples(sources(), seed=1, steps="nodes")
+    assert "steps as nodes" in capsys.readouterr().out
     assert main(["data", "symbolic", str(source), str(source)]) != 0
     assert "refusing to overwrite the input file" in capsys.readouterr().err

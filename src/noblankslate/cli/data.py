@@ -78,7 +78,7 @@ def show_stats(path: str, compare: str | None = None, tokenizer: str | None = No
     return 0
 
 
-def symbolic(in_path: str, out_path: str, seed: int, symbols: int) -> int:
+def symbolic(in_path: str, out_path: str, seed: int, symbols: int, steps: str = "facts") -> int:
     """Write the ProsQA records of ``in_path`` as symbol tokens (``noblankslate.data.symbolic``)."""
     from noblankslate.data.convert import write_json_atomic
     from noblankslate.data.symbolic import symbolic_examples
@@ -87,9 +87,10 @@ def symbolic(in_path: str, out_path: str, seed: int, symbols: int) -> int:
     problems = check_records(records, in_path)
     if problems:
         raise DataError(problems)
-    examples = symbolic_examples(records, seed, symbols, source=in_path)
+    examples = symbolic_examples(records, seed, symbols, source=in_path, steps=steps)
     write_json_atomic(examples, out_path, inputs=[in_path])
-    print(f"{out_path}: {len(examples)} records of {in_path} as symbols (seed {seed}, {symbols} symbols)")
+    print(f"{out_path}: {len(examples)} records of {in_path} as symbols (seed {seed}, {symbols} symbols, "
+          f"steps as {steps})")
     return 0
 
 
@@ -261,10 +262,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write the records of a ProsQA-format file (published, generated or balanced; the graph fields "
                     "are needed) in the symbolic encoding of Zhu, Hao et al. 2025: every node a random symbol "
                     "0..N-1, the question the facts 'a b' in random order joined by ' | ', then '[Q] o1 o2 [R] root'; "
-                    "the steps the path's facts ' a b', the answer the target. The graph fields are kept. Convert the "
+                    "the steps the path's facts ' a b' (or with --steps nodes the path's nodes ' b'), the answer the "
+                    "target. The graph fields are kept. Convert the "
                     "training and the held-out file with the same --symbols. See docs/table1.md.")
     p.add_argument("input", metavar="IN.json", help="ProsQA-format data file")
     p.add_argument("out", metavar="OUT.json", help="output file (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--symbols", type=int, default=32, help="size of the symbol pool (default: 32)")
-    p.set_defaults(handler=lambda a: symbolic(a.input, a.out, a.seed, a.symbols))
+    p.add_argument("--steps", choices=("facts", "nodes"), default="facts",
+                   help="a step writes the path's fact ' a b' (default) or the node it reaches ' b' (Zhu et al.)")
+    p.set_defaults(handler=lambda a: symbolic(a.input, a.out, a.seed, a.symbols, a.steps))

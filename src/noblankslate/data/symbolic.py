@@ -17,11 +17,14 @@ prosqa``, ``nbs data balanced``) that way, keeping its graph, so every tool that
   carry nothing: in ProsQA the ids are a topological order); ``idx_to_symbol`` holds them;
 * ``question``: the edges "a b" in random order, joined by " | ", then " [Q] o1 o2 [R] root" with the
   options in random order;
-* ``steps``: the facts of the path, one per step, as the question writes them ("18 25"; ProsQA's steps
-  are the path's facts too), each after a space. The record's own steps name the path; they are read,
-  not searched for, so a record with several shortest paths keeps its own. (Zhu et al. write only the
-  path's nodes; a step that names its subject lets the written chain make each hop as the lookup the
-  question trains, the object right after its subject.) The space matters: a word-level or BPE
+* ``steps``, by ``steps="facts"``: the facts of the path, one per step, as the question writes them
+  ("18 25"; ProsQA's steps are the path's facts too), each after a space; by ``steps="nodes"``: the
+  path's nodes after the root, one per step (" 25"), as Zhu et al. write the chain of thought. The
+  record's own steps name the path; they are read, not searched for, so a record with several shortest
+  paths keeps its own. With facts, a written hop copies the last object as the next subject and then
+  looks up its object; with nodes, every step is the lookup itself (the child of the node before), so a
+  thought that replaces a step has one node set to carry, the next frontier (docs/table1.md, P36).
+  The space matters: a word-level or BPE
   tokenizer reads " 7" and "7" as two unrelated tokens, and a step follows a newline, so without it the
   steps would name every node by another token than the question and the answer do ("### " + answer
   gives " 7");
@@ -40,8 +43,12 @@ STEP = re.compile(r"^(?:Every )?(\S+) is an? (\S+?)\.?$")
 """A ProsQA step: "Tom is a wumpus." or "Every wumpus is a zumpus."; groups subject and object."""
 
 
+STEP_FORMS = ("facts", "nodes")
+"""What a step writes: the path's fact " a b", or the node it reaches " b"."""
+
+
 def symbolic_example(example: dict[str, Any], rng: random.Random, symbols: int = 32,
-                     where: str = "record") -> dict[str, Any]:
+                     where: str = "record", steps: str = "facts") -> dict[str, Any]:
     """``example`` (ProsQA format with its graph) written as symbols; see the module docstring.
 
     Args:
@@ -50,7 +57,10 @@ def symbolic_example(example: dict[str, Any], rng: random.Random, symbols: int =
         rng: the only randomness (the symbols drawn, the order of facts and of the options).
         symbols: the size of the symbol pool; a graph with more nodes is refused.
         where: how an error names the record (for example "train.json, record 12").
+        steps: one of :data:`STEP_FORMS`.
     """
+    if steps not in STEP_FORMS:
+        raise InvalidValue(f"steps: {steps!r} is not one of {', '.join(STEP_FORMS)}")
     for field in ("idx_to_symbol", "edges", "root", "target", "neg_target", "steps"):
         if field not in example:
             raise InvalidValue(f"{where}: no field '{field}' (a ProsQA record with its graph is needed)")
@@ -82,17 +92,21 @@ def symbolic_example(example: dict[str, Any], rng: random.Random, symbols: int =
     return {
         **example,
         "question": " | ".join(facts) + f" [Q] {options[0]} {options[1]} [R] {symbol[example['root']]}",
-        "steps": [f" {symbol[a]} {symbol[b]}" for a, b in zip(path, path[1:])],
+        "steps": ([f" {symbol[a]} {symbol[b]}" for a, b in zip(path, path[1:])] if steps == "facts"
+                  else [f" {symbol[b]}" for b in path[1:]]),
         "answer": symbol[example["target"]],
         "idx_to_symbol": symbol,
     }
 
 
 def symbolic_examples(examples: list[dict[str, Any]], seed: int, symbols: int = 32,
-                      source: str = "input") -> list[dict[str, Any]]:
-    """Every record of ``examples`` written as symbols, reproducibly under ``seed``."""
+                      source: str = "input", steps: str = "facts") -> list[dict[str, Any]]:
+    """Every record of ``examples`` written as symbols, reproducibly under ``seed`` (the same draws
+    whatever ``steps`` is, so the two step forms of a file have the same questions)."""
     if symbols < 2:
         raise InvalidValue(f"symbols: need at least 2, got {symbols}")
+    if steps not in STEP_FORMS:
+        raise InvalidValue(f"steps: {steps!r} is not one of {', '.join(STEP_FORMS)}")
     rng = random.Random(seed)
-    return [symbolic_example(example, rng, symbols, where=f"{source}, record {i}")
+    return [symbolic_example(example, rng, symbols, where=f"{source}, record {i}", steps=steps)
             for i, example in enumerate(examples)]
