@@ -276,7 +276,7 @@ def test_parts_that_do_not_apply_are_skipped_and_the_others_run(setup, tmp_path)
                              scales=(1.0,), echo=lambda line: None)
     assert "budget" in report and set(report["skipped"]) == {"decoded", "search", "interventions"}
     assert "method pause_as_thought feeds no continuous thoughts" in report["skipped"]["interventions"]
-    cot = analyze_subject(subject_of(setup, spec=replace(setup.spec, use_markers=False), stage=0, method="cot"),
+    cot = analyze_subject(subject_of(setup, spec=replace(setup.spec, use_markers=False, latent_slots=False), stage=0, method="cot"),
                           tmp_path / "cot", echo=lambda line: None)
     assert cot["skipped"]["budget"].startswith("method cot puts no latent tokens in its prompts")
     bare = [replace(e, extra={}) for e in setup.val]

@@ -115,6 +115,19 @@ def test_coconut_spec_and_schedule():
 def test_spec_rejects_bad_values():
     with pytest.raises(ValueError, match="uniform_prob"):
         spec(uniform_prob=1.5)
+    with pytest.raises(ValueError, match="markers without latent slots"):
+        spec(latent_slots=False)
+
+
+def test_coconut_without_markers_puts_the_thoughts_right_after_the_question():
+    s = CurriculumSpec.from_config(Config(coconut=True, max_latent_stage=3, latent_markers=False), IDS)
+    assert (s.use_markers, s.latent_slots) == (False, True)
+    assert features(THREE, 0, s) == ([1, 2, 3, 4, 5, 6, 7, 8, 0], [X, X, 3, 4, 5, 6, 7, 8, 0])
+    assert features(THREE, 2, s) == ([1, 2, L, L, 6, 7, 8, 0], [X, X, X, X, 6, 7, 8, 0])
+    assert prompt(THREE, 2, s) == [1, 2, L, L] and prompt(THREE, 0, s) == [1, 2]
+    cot = CurriculumSpec.from_config(Config(cot=True, latent_markers=False), IDS)
+    assert (cot.use_markers, cot.latent_slots) == (False, False)
+    assert CurriculumSpec.from_config(Config(coconut=True), IDS).latent_slots is True
 
 
 MANY = [THREE, ONE] * 30

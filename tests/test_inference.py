@@ -200,7 +200,7 @@ def test_damaged_or_incomplete_checkpoints_are_refused(run_dir, tmp_path):
 def test_thought_counts_a_method_has_no_place_for_are_refused(thinking):
     from dataclasses import replace
 
-    cot = replace(thinking, spec=replace(thinking.spec, use_markers=False), variant="cot", method="cot")
+    cot = replace(thinking, spec=replace(thinking.spec, use_markers=False, latent_slots=False), variant="cot", method="cot")
     with pytest.raises(InferenceError, match="num_thoughts=2: a cot model was trained without latent tokens"):
         cot.answer("q", num_thoughts=2)
     with pytest.raises(InferenceError, match="question 1 is empty"):

@@ -132,7 +132,8 @@ def main() -> int:
                 result = evaluate_generation(model, setup.tokenizer, examples, features or prompts, setup.collate,
                                              batch_size=config.batch_size_eval or config.batch_size_training,
                                              max_new_tokens=config.resolved_max_new_tokens, context=context,
-                                             controller=controller, keep_thoughts=keep_thoughts)
+                                             controller=controller, keep_thoughts=keep_thoughts,
+                                             step_separator=config.step_separator)
                 return result, time.perf_counter() - began
             return run
 

@@ -62,7 +62,8 @@ def evaluate_run(run_dir: Path, context: DistributedContext) -> dict[str, Genera
     def generate(controller=None) -> GenerationEval:
         return evaluate_generation(model, setup.tokenizer, setup.val, prompts, setup.collate,
                                    batch_size=config.batch_size_eval or config.batch_size_training,
-                                   max_new_tokens=config.resolved_max_new_tokens, context=context, controller=controller)
+                                   max_new_tokens=config.resolved_max_new_tokens, context=context, controller=controller,
+                                   step_separator=config.step_separator)
 
     print(f"{run_dir}: {checkpoint.name}, {len(parts.store)} memory entries, "
           f"nudge: {nudge_kind(controller)}", flush=True)

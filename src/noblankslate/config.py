@@ -39,6 +39,8 @@ _INERT_LEGACY_KEYS: dict[str, Any] = {"special_token": False, "grpo": False}
 
 
 SCRATCH_ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
+STEP_SEPARATORS = ("\n", "")
+"""``step_separator`` values: the original's newline after the question and each step, or nothing."""
 """Shapes ``model_config`` can build from scratch."""
 
 
@@ -289,6 +291,14 @@ class Config:
     """Past ``max_latent_stage``, use ``max_latent_stage * c_thought`` thoughts even for short chains."""
     uniform_prob: float = 0.0
     """Probability of training an example at a uniformly random stage instead of the scheduled one."""
+    latent_markers: bool = True
+    """Put ``<|start-latent|>``/``<|end-latent|>`` around the latent tokens (the paper's layout). False
+    writes the latent tokens right after the question, as Zhu et al. 2025 do, so the first thought is the
+    hidden state of the question's last token (the root of a symbolic question) instead of a marker's."""
+    step_separator: str = "\n"
+    """What follows the question and each step when they are tokenized: the original's newline, or ""
+    (nothing), which writes a chain as the symbolic steps " 25", " 14" of Zhu et al. run together
+    (" 25 14"), so that each node is the query of the next lookup (docs/table1.md, P37)."""
 
     # Model and checkpoints
     model_id: str = "openai-community/gpt2"
@@ -437,6 +447,9 @@ def _check_range(config: Config) -> None:
             raise ConfigError(f"{key} must be a finite number, got {getattr(config, key)!r}")
     if not 0.0 <= config.uniform_prob <= 1.0:
         raise ConfigError(f"uniform_prob must be in [0, 1], got {config.uniform_prob!r}")
+    if config.step_separator not in STEP_SEPARATORS:
+        raise ConfigError(f"step_separator must be one of {', '.join(map(repr, STEP_SEPARATORS))}, "
+                          f"got {config.step_separator!r}")
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1 or null, got {config.max_new_tokens!r}")
     if config.resume > config.num_epochs:

@@ -64,7 +64,7 @@ def load_subject(config: Config, checkpoint: str | Path | None = None, data: str
     return Subject(model=setup.model.eval(), tokenizer=setup.tokenizer, examples=setup.val[:count],
                    tokens=setup.val_tokens[:count], spec=setup.spec, collate=setup.collate, stage=stage,
                    method=config.variant, batch_size=config.batch_size_eval or config.batch_size_training,
-                   max_new_tokens=config.resolved_max_new_tokens)
+                   max_new_tokens=config.resolved_max_new_tokens, step_separator=config.step_separator)
 
 
 def analyze_subject(subject: Subject, out: str | Path | None = None, *, show: int = 0, top_k: int = 5,

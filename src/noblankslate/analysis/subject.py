@@ -54,11 +54,13 @@ class Subject:
     batch_size: int
     max_new_tokens: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    step_separator: str = "\n"
+    """The run's ``step_separator`` (for the chain-of-thought match)."""
 
     @property
     def has_latent_budget(self) -> bool:
         """Whether prompts carry latent tokens between markers (Coconut and the pause variants)."""
-        return self.spec.use_markers and self.spec.c_thought > 0
+        return bool(self.spec.latent_slots) and self.spec.c_thought > 0
 
     @property
     def feeds_thoughts(self) -> bool:
@@ -101,6 +103,7 @@ def generate(subject: Subject, prompts: Sequence[Features], controller: Controll
             subject.model, subject.tokenizer, subject.examples, batch, subject.collate,
             batch_size=len(batch), max_new_tokens=subject.max_new_tokens, context=context,
             controller=controller(rows) if controller is not None else None, keep_thoughts=keep_thoughts,
+            step_separator=subject.step_separator,
         )
         for record in result.predictions:
             records[by_idx[record["idx"]]] = record

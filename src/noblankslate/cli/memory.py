@@ -57,7 +57,7 @@ def build(config_path: str, overrides: list[str], evaluate: bool = False, metric
             off = evaluate_generation(model, setup.tokenizer, setup.val, prompts, setup.collate,
                                       batch_size=config.batch_size_eval or config.batch_size_training,
                                       max_new_tokens=config.resolved_max_new_tokens, context=context,
-                                      lockstep=parallel.lockstep)
+                                      lockstep=parallel.lockstep, step_separator=config.step_separator)
             metrics, _ = evaluate_memory(model, setup, context, epoch=epoch, stage=stage, off=off,
                                          off_seconds=time.perf_counter() - started, lockstep=parallel.lockstep,
                                          key_head=key_head, gate=gate)

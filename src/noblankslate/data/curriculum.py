@@ -61,10 +61,13 @@ class CurriculumSpec:
     """Remove every step and add no latent tokens, at every stage."""
     use_markers: bool
     """Put ``<|start-latent|>``/``<|end-latent|>`` around the latent tokens (the original's
-    ``not no_special_marker``); false for cot, no_cot and no_thoughts."""
+    ``not no_special_marker``); false for cot, no_cot and no_thoughts, and with ``latent_markers: false``."""
     start_id: int
     end_id: int
     latent_id: int
+    latent_slots: bool | None = None
+    """Whether prompts carry latent tokens at all (Coconut and the pause variants; not cot, no_cot,
+    no_thoughts). None: the same as ``use_markers``, as in the paper's layout."""
 
     def __post_init__(self) -> None:
         if self.c_thought < 0 or self.max_latent_stage < 0:
@@ -73,21 +76,27 @@ class CurriculumSpec:
             )
         if not 0.0 <= self.uniform_prob <= 1.0:
             raise ValueError(f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
+        if self.latent_slots is None:
+            object.__setattr__(self, "latent_slots", self.use_markers)
+        if self.use_markers and not self.latent_slots:
+            raise ValueError("markers without latent slots: a method without latent tokens has no markers")
 
     @classmethod
     def from_config(cls, config: Config, ids: LatentIds) -> CurriculumSpec:
         """The spec of a run, with the original's method rules: no_thoughts sets ``c_thought = 0``, and
-        cot, no_cot and no_thoughts omit the markers."""
+        cot, no_cot and no_thoughts omit the markers (as every method does with ``latent_markers: false``)."""
+        slots = not (config.cot or config.no_cot or config.no_thoughts)
         return cls(
             c_thought=0 if config.no_thoughts else config.c_thought,
             max_latent_stage=config.max_latent_stage,
             pad_latent_to_max=config.pad_latent_to_max,
             uniform_prob=config.uniform_prob,
             no_cot=config.no_cot,
-            use_markers=not (config.cot or config.no_cot or config.no_thoughts),
+            use_markers=slots and config.latent_markers,
             start_id=ids.start_id,
             end_id=ids.end_id,
             latent_id=ids.latent_id,
+            latent_slots=slots,
         )
 
     @property

@@ -7,6 +7,9 @@ latent tokens by list slicing, without re-tokenizing every epoch:
     step:     encode(step + "\\n", add_special_tokens=False)
     answer:   encode("### " + answer, add_special_tokens=False) + [eos]
 
+The newline is the run's ``step_separator``; with ``""`` question and steps are tokenized as they are
+(for steps that begin with a space, such as ``nbs data symbolic``'s " 25").
+
 That is only correct when tokenizing the parts gives the tokens of the whole text, so (like the
 original) every example is checked (the original checked the first) and a
 :class:`TokenizationMismatchError` is raised otherwise.
@@ -48,14 +51,14 @@ class TokenizedExample:
         return [*self.question_ids, *itertools.chain.from_iterable(self.step_ids), *self.answer_ids]
 
 
-def full_text(example: Example) -> str:
+def full_text(example: Example, separator: str = "\n") -> str:
     """The whole example as one string, as the parts are tokenized (question, steps, answer, each
-    but the answer ending with a newline).
+    but the answer ending with ``separator``, a newline by default).
 
     The original writes ``question + "\\n" + "\\n".join(steps) + "\\n### " + answer``, which is the same
     string except for an example without steps, where it has one newline too many (and fails its check).
     """
-    return example.question + "\n" + "".join(step + "\n" for step in example.steps) + "### " + example.answer
+    return example.question + separator + "".join(step + separator for step in example.steps) + "### " + example.answer
 
 
 def _encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -64,9 +67,10 @@ def _encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str], add_spec
     return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def check_tokenization(example: Example, tokenized: TokenizedExample, tokenizer: PreTrainedTokenizerBase) -> None:
+def check_tokenization(example: Example, tokenized: TokenizedExample, tokenizer: PreTrainedTokenizerBase,
+                       separator: str = "\n") -> None:
     """Raise :class:`TokenizationMismatchError` unless the parts concatenate to the whole text's tokens."""
-    expected = tokenizer.encode(full_text(example), add_special_tokens=True) + [tokenizer.eos_token_id]
+    expected = tokenizer.encode(full_text(example, separator), add_special_tokens=True) + [tokenizer.eos_token_id]
     got = tokenized.full_ids()
     if got == expected:
         return
@@ -77,13 +81,15 @@ def check_tokenization(example: Example, tokenized: TokenizedExample, tokenizer:
         f"are tokenized separately (as Coconut does) than as one text; first difference at token {at}: "
         f"parts give {tokenizer.convert_ids_to_tokens(got[at:at + 5])}, "
         f"whole text gives {tokenizer.convert_ids_to_tokens(expected[at:at + 5])}. "
-        "Coconut needs pieces that never cross a part boundary (the newline after the question and each "
-        "step): remove whitespace before those newlines in the data, or use another tokenizer."
+        "Coconut needs pieces that never cross a part boundary (the step_separator after the question and "
+        "each step, a newline by default): remove whitespace before those newlines in the data, start every "
+        "step with a space when step_separator is \"\", or use another tokenizer."
     )
 
 
 def tokenize_examples(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, n_check: int | None = None
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, n_check: int | None = None,
+    separator: str = "\n",
 ) -> list[TokenizedExample]:
     """Tokenize every example in parts, with one batched tokenizer call per kind of part.
 
@@ -93,6 +99,7 @@ def tokenize_examples(
         n_check: how many leading examples to check against the whole-text tokenization; None (the
             default) checks every one, in one more batched tokenizer call. The original checked only the
             first, so a bad record later in the file went through.
+        separator: the run's ``step_separator``, after the question and each step.
 
     Returns:
         One :class:`TokenizedExample` per example, in order.
@@ -103,8 +110,8 @@ def tokenize_examples(
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; Coconut ends every answer with eos")
     eos = tokenizer.eos_token_id
-    questions = _encode_batch(tokenizer, [e.question + "\n" for e in examples], add_special_tokens=True)
-    flat_steps = _encode_batch(tokenizer, [s + "\n" for e in examples for s in e.steps], add_special_tokens=False)
+    questions = _encode_batch(tokenizer, [e.question + separator for e in examples], add_special_tokens=True)
+    flat_steps = _encode_batch(tokenizer, [s + separator for e in examples for s in e.steps], add_special_tokens=False)
     answers = _encode_batch(tokenizer, ["### " + e.answer for e in examples], add_special_tokens=False)
 
     result = []
@@ -113,11 +120,11 @@ def tokenize_examples(
         steps = tuple(tuple(next(steps_iter)) for _ in example.steps)
         result.append(TokenizedExample(example.idx, tuple(question), steps, (*answer, eos)))
     checked = list(examples[:n_check]) if n_check is not None else list(examples)
-    wholes = _encode_batch(tokenizer, [full_text(e) for e in checked], add_special_tokens=True)
+    wholes = _encode_batch(tokenizer, [full_text(e, separator) for e in checked], add_special_tokens=True)
     bad = [i for i, (whole, tokenized) in enumerate(zip(wholes, result)) if whole + [eos] != tokenized.full_ids()]
     if bad:
         try:
-            check_tokenization(checked[bad[0]], result[bad[0]], tokenizer)
+            check_tokenization(checked[bad[0]], result[bad[0]], tokenizer, separator)
         except TokenizationMismatchError as error:
             more = f" ({len(bad) - 1} more records are split differently too)" if len(bad) > 1 else ""
             raise TokenizationMismatchError(f"{error}{more}") from None

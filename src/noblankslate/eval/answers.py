@@ -30,11 +30,19 @@ def extract_answer(generated: str) -> str | None:
     return normalize_answer(generated.split("#")[-1])
 
 
-def extract_cot(generated: str) -> str:
-    """The generated reasoning: everything before the first ``#``, stripped, each line stripped."""
-    return "\n".join(line.strip() for line in generated.split("#")[0].strip().split("\n"))
+def extract_cot(generated: str, separator: str = "\n") -> str:
+    """The generated reasoning: everything before the first ``#``, stripped, each line stripped.
+
+    With ``separator=""`` (steps run together) there are no lines: the words, single-spaced."""
+    chain = generated.split("#")[0]
+    if not separator:
+        return " ".join(chain.split())
+    return "\n".join(line.strip() for line in chain.strip().split("\n"))
 
 
-def reference_cot(steps: tuple[str, ...] | list[str]) -> str:
-    """The reference chain of thought: the steps, each stripped, joined by newlines (as the original)."""
+def reference_cot(steps: tuple[str, ...] | list[str], separator: str = "\n") -> str:
+    """The reference chain of thought: the steps, each stripped, joined by newlines (as the original);
+    with ``separator=""`` the words of the steps run together, single-spaced, as :func:`extract_cot`."""
+    if not separator:
+        return " ".join("".join(steps).split())
     return "\n".join(step.strip() for step in steps)

@@ -97,6 +97,7 @@ def evaluate_generation(
     controller=None,
     keep_thoughts: bool = False,
     sampling: Sampling | None = None,
+    step_separator: str = "\n",
 ) -> GenerationEval:
     """Generation accuracy (answer after the last ``#``) and CoT exact match; greedy unless ``sampling``.
 
@@ -111,6 +112,7 @@ def evaluate_generation(
         keep_thoughts: put each example's fed thoughts (n, D float32 numpy) in its record (``thoughts``).
         sampling: draw the tokens (see :class:`~noblankslate.model.coconut.Sampling`); its generator
             advances batch after batch, so a whole evaluation is reproducible from one seed.
+        step_separator: the run's ``step_separator``, for the chain-of-thought match.
     """
     by_idx = {example.idx: example for example in examples}
     batches, n_batches = _shard_batches(prompts, context, batch_size, sort_key=lambda f: len(f["input_ids"]))
@@ -139,7 +141,7 @@ def evaluate_generation(
             example = by_idx[idx]
             prediction = extract_answer(text)
             correct = prediction == normalize_answer(example.answer)
-            cot_correct = extract_cot(text) == reference_cot(example.steps)
+            cot_correct = extract_cot(text, step_separator) == reference_cot(example.steps, step_separator)
             tokens, passes = int(out.lengths[row]), int(out.forward_passes[row])
             counts += torch.tensor([correct, cot_correct, 1, tokens, passes], dtype=torch.float64)
             record = {

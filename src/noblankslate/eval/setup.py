@@ -27,11 +27,11 @@ DEBUG_TRAIN_LIMIT = 5000
 DEBUG_VAL_LIMIT = 32
 
 
-def coconut_texts(examples: Sequence[Example]) -> Iterator[str]:
+def coconut_texts(examples: Sequence[Example], separator: str = "\n") -> Iterator[str]:
     """The strings Coconut tokenizes (for building a word-level tokenizer from training data)."""
     for example in examples:
-        yield example.question + "\n"
-        yield from (step + "\n" for step in example.steps)
+        yield example.question + separator
+        yield from (step + separator for step in example.steps)
         yield "### " + example.answer
 
 
@@ -132,13 +132,14 @@ def setup_run(config: Config, weights_from: str | Path | None = None) -> RunSetu
     train, val = load_run_data(config)
     memory_examples = load_memory_data(config, train) if config.retrieval.enabled else []
     build_config = config if weights_from is None else replace(config, load_model_path=str(weights_from))
-    tokenizer = build_tokenizer(build_config, lambda: coconut_texts(train))
+    separator = config.step_separator
+    tokenizer = build_tokenizer(build_config, lambda: coconut_texts(train, separator))
     built = build_model(build_config, tokenizer)
     tokenizer = built.tokenizer
-    train_tokens = tokenize_examples(train, tokenizer) if train else []
+    train_tokens = tokenize_examples(train, tokenizer, separator=separator) if train else []
     memory_tokens = (train_tokens if memory_examples is train
-                     else tokenize_examples(memory_examples, tokenizer) if memory_examples else [])
-    val_tokens = tokenize_examples(val, tokenizer)
+                     else tokenize_examples(memory_examples, tokenizer, separator=separator) if memory_examples else [])
+    val_tokens = tokenize_examples(val, tokenizer, separator=separator)
     spec = CurriculumSpec.from_config(config, built.latent_ids)
     limit = getattr(built.model.base_causallm.config, "n_positions", None)  # learned absolute positions
     if limit is not None:

@@ -119,7 +119,7 @@ def evaluate_file(
         DataError: naming the file, record and field of every bad record (before any generation).
     """
     examples = load_examples(data) if examples is None else examples
-    tokens = tokenize_examples(examples, thinking.tokenizer)
+    tokens = tokenize_examples(examples, thinking.tokenizer, separator=thinking.step_separator)
     if num_thoughts is None:
         prompts = prompt_view(tokens, thinking.stage, thinking.spec)
     else:
@@ -134,6 +134,7 @@ def evaluate_file(
     result = evaluate_generation(
         thinking.model, thinking.tokenizer, examples, repeated, thinking.collator(), batch_size=batch_size,
         max_new_tokens=budget, context=context, sampling=sample.sampling(context) if sample is not None else None,
+        step_separator=thinking.step_separator,
     )
     questions = result.total // copies
     report = FileEval(

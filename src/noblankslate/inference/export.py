@@ -48,11 +48,13 @@ def coconut_info(thinking: ThinkingModel) -> dict[str, Any]:
         "max_latent_stage": spec.max_latent_stage,
         "pad_latent_to_max": spec.pad_latent_to_max,
         "use_markers": spec.use_markers,
+        "latent_slots": spec.latent_slots,
         "feed_thoughts": model.feed_thoughts,
         "stage": thinking.stage,
         "num_thoughts": thinking.num_thoughts,
         "max_new_tokens": thinking.max_new_tokens,
         "epoch": thinking.epoch,
+        "step_separator": thinking.step_separator,
     }
 
 
@@ -86,10 +88,14 @@ def model_card(thinking: ThinkingModel, info: dict[str, Any], accuracy: dict[str
     else:
         measured = "Not measured: the run folder has no metrics.jsonl record of this checkpoint's epoch."
     start, latent, end = (info["latent_token_ids"][k] for k in ("start", "latent", "end"))
-    newline = '`question + "\\n"`'
-    layout = (f"{newline}, then `<|start-latent|>` (id {start}), one `<|latent|>` (id {latent}) per thought, "
-              f"`<|end-latent|>` (id {end})" if info["use_markers"]
-              else f"{newline} alone (this method was trained without latent tokens)")
+    newline = f"`question + {json.dumps(thinking.step_separator)}`"
+    if info["use_markers"]:
+        layout = (f"{newline}, then `<|start-latent|>` (id {start}), one `<|latent|>` (id {latent}) per thought, "
+                  f"`<|end-latent|>` (id {end})")
+    elif info["latent_slots"]:
+        layout = f"{newline}, then one `<|latent|>` (id {latent}) per thought, without markers"
+    else:
+        layout = f"{newline} alone (this method was trained without latent tokens)"
     config = (f"```yaml\n{yaml.safe_dump(thinking.config, sort_keys=False)}```" if thinking.config
               else "Not known (the source had no run config).")
     return f"""---

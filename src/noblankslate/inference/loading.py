@@ -135,7 +135,7 @@ def _thinking(model: Coconut, tokenizer: PreTrainedTokenizerBase, config: Config
     return ThinkingModel(
         model=model, tokenizer=tokenizer, spec=CurriculumSpec.from_config(config, ids), stage=stage,
         method=config.method, variant=config.variant, max_new_tokens=config.resolved_max_new_tokens,
-        source=source, epoch=epoch, config=raw,
+        source=source, epoch=epoch, config=raw, step_separator=config.step_separator,
     )
 
 
@@ -168,7 +168,7 @@ def _load_weights_file(file: Path, config: Config) -> ThinkingModel:
 
         if config.train_path is None:
             raise CheckpointError(f"{file}: the config builds a word-level tokenizer from train_path, which it does not set")
-        return coconut_texts(load_examples(config.train_path))
+        return coconut_texts(load_examples(config.train_path), config.step_separator)
 
     model, tokenizer = _build(config, file, training_texts)
     return _thinking(model, tokenizer, config, position.stage, file, position.epoch, config.to_dict())
@@ -197,12 +197,14 @@ def _load_export(folder: Path) -> ThinkingModel:
             c_thought=info["c_thought"], max_latent_stage=info["max_latent_stage"],
             pad_latent_to_max=info["pad_latent_to_max"], uniform_prob=0.0, no_cot=info["method"] == "no_cot",
             use_markers=info["use_markers"], start_id=start, end_id=end, latent_id=latent,
+            latent_slots=info.get("latent_slots", info["use_markers"]),
         )
         base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
         tokenizer = load_tokenizer(folder)
         model = Coconut(base, latent, start, end, tokenizer.eos_token_id, feed_thoughts=info["feed_thoughts"])
         return ThinkingModel(model=model, tokenizer=tokenizer, spec=spec, stage=info["stage"], method=info["method"],
                              variant=info["variant"], max_new_tokens=info["max_new_tokens"], source=folder,
-                             epoch=info.get("epoch"), config=info.get("config"))
+                             epoch=info.get("epoch"), config=info.get("config"),
+                             step_separator=info.get("step_separator", "\n"))
     except KeyError as error:
         raise CheckpointError(f"{folder / EXPORT_FILE}: missing field {error}") from None

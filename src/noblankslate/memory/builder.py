@@ -242,7 +242,8 @@ def build_memory(
     batch_size = retrieval.build_batch_size
     generate = lambda features, keep: evaluate_generation(
         model, tokenizer, examples, features, collate, batch_size=batch_size,
-        max_new_tokens=config.resolved_max_new_tokens, context=context, lockstep=lockstep, keep_thoughts=keep)
+        max_new_tokens=config.resolved_max_new_tokens, context=context, lockstep=lockstep, keep_thoughts=keep,
+        step_separator=config.step_separator)
     full = generate(prompts, True).predictions
     shorter = [generate([with_thoughts(f, j, spec.latent_id) for f in prompts], False).predictions
                for j in range(1, max_thoughts)]

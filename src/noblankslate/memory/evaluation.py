@@ -128,7 +128,8 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
             return evaluate_generation(model, setup.tokenizer, setup.val, prompts, setup.collate,
                                        batch_size=config.batch_size_eval or config.batch_size_training,
                                        max_new_tokens=config.resolved_max_new_tokens, context=context,
-                                       lockstep=lockstep, controller=controller, keep_thoughts=keep_thoughts)
+                                       lockstep=lockstep, controller=controller, keep_thoughts=keep_thoughts,
+                                       step_separator=config.step_separator)
     built = build_memory(model, setup, context, lockstep=lockstep, epoch=epoch, key_head=key_head)
     if on_built is not None:
         on_built(built.parts)

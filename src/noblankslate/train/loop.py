@@ -466,7 +466,7 @@ class Trainer:
                 model, self.setup.tokenizer, self.setup.val, prompts, self.setup.collate,
                 batch_size=self.config.batch_size_eval or self.config.batch_size_training,
                 max_new_tokens=self.config.resolved_max_new_tokens, context=self.context,
-                lockstep=self.parallel.lockstep, controller=controller,
+                lockstep=self.parallel.lockstep, controller=controller, step_separator=self.config.step_separator,
             )
 
     def key_head(self) -> LinearKeyMap | None:
