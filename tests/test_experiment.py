@@ -123,7 +123,26 @@ def test_a_rerun_skips_finished_rows_and_resumes_unfinished_ones(tiny_experiment
     assert any(m.startswith("cot_seed0: started (resuming") for m in messages)
     after = json.loads((out / "results" / "cot_seed0.json").read_text())
     assert after["items"] == before["items"] and after["accuracy"] == before["accuracy"]
-    assert [r["row"] for r in again.table["rows"]] == ["no_cot", "cot", "coconut"]
+    # the table still holds the four rows this call did not ask for, finished by the first call
+    assert [r["row"] for r in again.table["rows"]] == list(ROWS)
+    assert "| Coconut w/o thought |" in again.markdown.read_text()
+
+
+@pytest.mark.slow
+def test_the_table_leaves_out_earlier_runs_made_with_another_config(tiny_experiment):
+    path, out, _, _ = tiny_experiment
+    stored = out / "results" / "pause_token_seed0.json"
+    original = stored.read_text()
+    changed = json.loads(original)
+    changed["config"]["lr"] = 5e-4
+    stored.write_text(json.dumps(changed))
+    try:
+        messages = []
+        again = run_experiment(path, parse_rows("coconut"), [0], out, echo=messages.append)
+    finally:
+        stored.write_text(original)
+    assert "pause_token_seed0: made with another config, left out of the table" in messages
+    assert [r["row"] for r in again.table["rows"]] == [name for name in ROWS if name != "pause_token"]
 
 
 def test_results_made_with_another_config_are_not_reused(tiny_experiment):

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from noblankslate.experiment.rows import Row
-from noblankslate.experiment.runner import check_data, plan, run_jobs
+from noblankslate.experiment.rows import ROWS, Row
+from noblankslate.experiment.runner import check_data, earlier_results, plan, run_jobs
 from noblankslate.experiment.table import build_table, format_markdown, plot_table
 
 
@@ -38,7 +38,9 @@ def run_experiment(config_path: str | Path, rows: Sequence[Row], seeds: Sequence
                    launcher: Sequence[str] | None = None, echo=print) -> ExperimentOutputs:
     """Train every (row, seed) not yet done, then write ``table.md``, ``table.json`` and ``table.png`` in ``out``.
 
-    Every row's config and the data files are validated before the first run starts.
+    Every row's config and the data files are validated before the first run starts. The table holds the
+    rows and seeds asked for and every other finished run in ``out`` made with the same config and
+    overrides (earlier invocations' rows), in the paper's row order.
     """
     out = Path(out)
     started = time.perf_counter()
@@ -46,7 +48,10 @@ def run_experiment(config_path: str | Path, rows: Sequence[Row], seeds: Sequence
     check_data(jobs)
     echo(f"{len(jobs)} runs ({len(rows)} rows x {len(seeds)} seeds), {parallel} at a time, in {out}")
     results = run_jobs(jobs, config_path, overrides, out, parallel=parallel, threads=threads, launcher=launcher, echo=echo)
-    table = build_table(results, rows, seeds)
+    results.update(earlier_results(config_path, overrides, out, {job.name for job in jobs}, echo=echo))
+    table_rows = [row for row in ROWS.values() if any(r["row"] == row.name for r in results.values())]
+    table_seeds = sorted({r["seed"] for r in results.values()})
+    table = build_table(results, table_rows, table_seeds)
     table.update(config=str(config_path), overrides=list(overrides), cpu=cpu_name(), parallel=parallel,
                  threads=threads, wall_seconds_this_call=time.perf_counter() - started)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 from noblankslate.config import Config, flatten, load_config
 from noblankslate.errors import NbsError
-from noblankslate.experiment.rows import Row
+from noblankslate.experiment.rows import ROWS, Row
 from noblankslate.files import write_text_atomic
 
 RESULTS_DIR = "results"
@@ -109,6 +109,30 @@ def finished_result(out: str | Path, job: Job) -> dict[str, Any] | None:
             f"{path} was made with a different config ({', '.join(differing)} differ); use another --out, "
             f"or delete that file and the run folder {job.config.run_dir} to run the row again")
     return result
+
+
+def earlier_results(config_path: str | Path, overrides: Sequence[str], out: str | Path, asked: set[str],
+                    echo=print) -> dict[str, dict[str, Any]]:
+    """Finished runs in ``out`` of (row, seed) pairs not asked for this time, made with the same config.
+
+    So that the table of an experiment run in several invocations (``--rows coconut,no_cot`` today, the
+    other rows tomorrow) holds every row done so far. A result made with another config (other overrides)
+    is left out, and said so.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for path in sorted((Path(out) / RESULTS_DIR).glob("*_seed*.json")):
+        row_name, _, seed = path.stem.rpartition("_seed")
+        if path.stem in asked or row_name not in ROWS or not seed.isdigit():
+            continue
+        job = plan(config_path, overrides, [ROWS[row_name]], [int(seed)], out)[0]
+        try:
+            result = finished_result(out, job)
+        except ExperimentError:
+            echo(f"{path.stem}: made with another config, left out of the table")
+            continue
+        if result is not None:
+            results[path.stem] = result
+    return results
 
 
 def _last_epoch_records(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
