@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import (
     CPU,
     MODEL_FACTORIES,
@@ -215,6 +216,20 @@ def test_the_gate_learns_is_saved_and_resumes_bit_exact(tmp_path, tiny_data, mon
     assert own == metrics["paired"]["nudge_only_vs_off"]
     plain = rows["without memory: trained with vs trained without"]
     assert plain["second_correct"] == off[-1].evaluation.correct and len(rows) == 5
+    # a run trained with retrieval off (no memory examples loaded, no memory saved) compares too: its
+    # memory is built with its checkpoint's model, the same memory its training would have built
+    plain_config = tmp_path / "runs" / "plain" / "config.yaml"
+    saved = yaml.safe_load(plain_config.read_text())
+    saved["retrieval"]["enabled"] = False
+    plain_config.write_text(yaml.safe_dump(saved))
+    for stale in (tmp_path / "plain").glob("index.bin*"):
+        stale.unlink()
+    again_out = tmp_path / "compare_again.json"
+    done = subprocess.run([sys.executable, str(tool), str(run_dir), str(tmp_path / "runs" / "plain"), "--threads", "1",
+                           "--out", str(again_out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rebuilding the memory" in done.stdout
+    assert json.loads(again_out.read_text()) == rows
     # an evaluation-only run of the checkpoint loads its gate and evaluates as the training run did
     evaluated = train(config_from_dict({**raw, "name": "evaluated", "only_eval": True, "resume": 2,
                                         "load_model_path": str(run_dir / "checkpoint_3")}), CPU)

@@ -44,7 +44,10 @@ def evaluate_run(run_dir: Path, context: DistributedContext) -> dict[str, Genera
     if checkpoint is None:
         raise SystemExit(f"{run_dir}: no complete checkpoint")
     epoch = load_checkpoint(checkpoint).epoch
-    config = load_config(run_dir / "config.yaml", [f"load_model_path={checkpoint}", "only_eval=true"])
+    # retrieval.enabled: a run trained without the memory (retrieval off) is compared with the memory the
+    # checkpoint's model builds, so its memory examples must be loaded
+    config = load_config(run_dir / "config.yaml", [f"load_model_path={checkpoint}", "only_eval=true",
+                                                   "retrieval.enabled=true"])
     setup = setup_run(config)
     model = setup.model.to(context.device)
     try:

@@ -234,6 +234,9 @@ def build_memory(
     if retrieval.build_limit is not None:
         order = order[: retrieval.build_limit]
     chosen = [tokenized[i] for i in sorted(order)]
+    if not chosen:
+        raise ConfigError("the memory has no examples to be built from: retrieval.enabled is false (so none were "
+                          "loaded), or retrieval.build_from / train_path is empty")
     prompts = prompt_view(chosen, stage, spec)
     max_thoughts = max(f["input_ids"].count(spec.latent_id) for f in prompts)
     if max_thoughts == 0:
