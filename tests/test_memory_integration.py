@@ -290,6 +290,28 @@ def test_memory_sweep_tunes_on_training_data_and_reports_controls_on_validation(
                                          "control: full replacement"}
     assert all(m["split"] == "valid" and m["items"] == 12 for m in result["validation"].values())
     assert "<- chosen" in done.stdout and done.stdout.count("\nvalid ") >= 4
+    assert result["tune_source"] == "held-out training examples"
+
+    # tuned and calibrated on new questions (two files apart from train and valid), the memory built from all
+    # of the training data; a tuning file that holds validation questions is refused before any build
+    from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
+
+    seen = {e["question"] for path in tiny_data for e in json.loads(path.read_text())}
+    fresh = generate_prosqa(16, seed=9, config=ProsQAConfig.small(concepts=(3, 4), distance=(2, 2)), exclude_questions=seen)
+    (tmp_path / "tune.json").write_text(json.dumps(fresh[:10]))
+    (tmp_path / "calib.json").write_text(json.dumps(fresh[10:]))
+    base = [sys.executable, str(tool), str(config_file), "--checkpoint", str(tmp_path / "runs" / "tiny" / "checkpoint_3"),
+            "--alphas", "0", "--thresholds", "off", "0.5", "--threads", "1", "--out", str(out),
+            f"retrieval.calibrate_from={tmp_path / 'calib.json'}"]
+    done = subprocess.run([*base, "--tune-path", str(tmp_path / "tune.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["tune_examples"] == 10 and result["tune_source"] == str(tmp_path / "tune.json")
+    assert result["calibrated_on"] == "retrieval.calibrate_from (6 examples)"
+    assert all(m["items"] == 10 for m in result["tuning"]) and result["validation"]["chosen"]["items"] == 12
+    assert result["memory_build"]["examples"] == 48 and result["memory_build"]["held_out"] == 0  # nothing carved out
+    done = subprocess.run([*base, "--tune-path", str(tiny_data[1])], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "12 of its questions" in done.stderr and "--tune-path" in done.stderr
 
 
 def test_threshold_curve_on_a_hand_made_case():

@@ -147,7 +147,14 @@ class RetrievalConfig:
     dedup_threshold: float | None = 0.9999
     """Skip an entry whose key is at least this similar to a stored one; null keeps all."""
     calibration_fraction: float = 0.2
-    """Fraction of the build data held out to fit the calibration and the exit probe."""
+    """Fraction of the build data held out to fit the calibration and the exit probe (unless
+    ``calibrate_from`` is set)."""
+    calibrate_from: str | None = None
+    """Examples the model was never trained on (a split generated apart from the training and evaluated
+    data): when set, the retrieval confidence and the exit probe are calibrated on all of them, and every
+    build example goes to the store, the key map and the probe's weights. The default calibrates on held-out
+    training examples, which the model answers better than new questions, so its probabilities run high on
+    new ones. Checked at load time to share no question with the build, training or evaluated data."""
     build_batch_size: int = 64
     """Generation batch size while building."""
 

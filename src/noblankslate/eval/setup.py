@@ -75,6 +75,47 @@ def load_memory_data(config: Config, train: list[Example]) -> list[Example]:
     return load_examples(source, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
 
 
+def load_calibration_data(config: Config, train: list[Example], memory: list[Example],
+                          val: list[Example]) -> list[Example]:
+    """The examples the memory calibrates on when ``retrieval.calibrate_from`` is set (else none).
+
+    They must be new to the model and to the memory, or the probabilities would be fitted on answers it
+    learned (training data) or on questions that find themselves in the store, and they must not be the
+    data being reported on.
+
+    Raises:
+        DataError: the file shares a question with the training, build or evaluated data (naming the file,
+            the first records and how many there are).
+    """
+    source = config.retrieval.calibrate_from
+    if source is None:
+        return []
+    examples = load_examples(source, limit=DEBUG_TRAIN_LIMIT if config.debug else None)
+    others = [(config.train_path, train), (config.retrieval.build_from or config.train_path, memory),
+              (config.val_path, val)]
+    check_held_apart(source, examples, others, what="retrieval.calibrate_from")
+    return examples
+
+
+def check_held_apart(path: str | Path, examples: Sequence[Example],
+                     others: Sequence[tuple[str | Path | None, Sequence[Example]]], what: str) -> None:
+    """Raise a DataError naming ``path``'s records whose question also appears in one of ``others``."""
+    problems = []
+    for other_path, other in others:
+        if other_path is None or not other:
+            continue
+        seen = {example.question for example in other}
+        shared = [example for example in examples if example.question in seen]
+        if shared:
+            listed = ", ".join(str(example.idx) for example in shared[:5])
+            problems.append(RecordProblem(str(path), shared[0].idx, "question",
+                                          f"{len(shared)} of its questions (records {listed}"
+                                          f"{', ...' if len(shared) > 5 else ''}) are also in {other_path}: {what} "
+                                          "must hold questions the model and the memory have never seen"))
+    if problems:
+        raise DataError(problems)
+
+
 def check_lengths(config: Config, spec: CurriculumSpec, limit: int,
                   files: list[tuple[str | None, list[Example], list[TokenizedExample]]]) -> None:
     """Every record's longest sequence at any stage (and, for generation, its longest prompt plus
@@ -112,6 +153,9 @@ class RunSetup:
     memory_examples: list[Example]
     """What the memory is built from (empty unless ``retrieval.enabled``)."""
     memory_tokens: list[TokenizedExample]
+    calibration_examples: list[Example]
+    """What the memory calibrates on (``retrieval.calibrate_from``; empty when unset)."""
+    calibration_tokens: list[TokenizedExample]
     tokenizer: PreTrainedTokenizerBase
     latent_ids: LatentTokenIds
     spec: CurriculumSpec
@@ -131,6 +175,7 @@ def setup_run(config: Config, weights_from: str | Path | None = None) -> RunSetu
     """
     train, val = load_run_data(config)
     memory_examples = load_memory_data(config, train) if config.retrieval.enabled else []
+    calibration_examples = load_calibration_data(config, train, memory_examples, val) if config.retrieval.enabled else []
     build_config = config if weights_from is None else replace(config, load_model_path=str(weights_from))
     separator = config.step_separator
     tokenizer = build_tokenizer(build_config, lambda: coconut_texts(train, separator))
@@ -140,13 +185,15 @@ def setup_run(config: Config, weights_from: str | Path | None = None) -> RunSetu
     memory_tokens = (train_tokens if memory_examples is train
                      else tokenize_examples(memory_examples, tokenizer, separator=separator) if memory_examples else [])
     val_tokens = tokenize_examples(val, tokenizer, separator=separator)
+    calibration_tokens = tokenize_examples(calibration_examples, tokenizer, separator=separator) if calibration_examples else []
     spec = CurriculumSpec.from_config(config, built.latent_ids)
     limit = getattr(built.model.base_causallm.config, "n_positions", None)  # learned absolute positions
     if limit is not None:
         check_lengths(config, spec, limit, [(config.train_path, train, train_tokens), (config.val_path, val, val_tokens)])
     return RunSetup(
         config=config, train=train, val=val, train_tokens=train_tokens, val_tokens=val_tokens,
-        memory_examples=memory_examples, memory_tokens=memory_tokens, tokenizer=tokenizer,
+        memory_examples=memory_examples, memory_tokens=memory_tokens,
+        calibration_examples=calibration_examples, calibration_tokens=calibration_tokens, tokenizer=tokenizer,
         latent_ids=built.latent_ids, spec=spec,
         collate=LatentCollator(pad_token_id=tokenizer.pad_token_id, latent_id=built.latent_ids.latent_id),
         model=built.model, load_summary=built.load_summary,

@@ -10,7 +10,9 @@ Build (``nbs memory build CONFIG``, and after every training epoch when ``retrie
 3. split off ``retrieval.calibration_fraction`` of the examples (seeded); on the rest fit the key map
    (PCA to ``key_dim``, or the contrastive key head), the value compression (PCA to ``value_dim``) and the
    probe, and store the correctly answered ones; on the held-out part fit the confidence calibration
-   (best similarity -> right answer) and the probe's calibration.
+   (best similarity -> right answer) and the probe's calibration. With ``retrieval.calibrate_from``, its
+   examples (new to the model) are generated the same way and both calibrations are fitted on them
+   instead, and no build example is held out.
 
 Generation is sharded over ranks like evaluation; the main rank fits and writes, the others wait and
 then load what it wrote, so every rank uses the same memory. The memory is never built from the data
@@ -207,6 +209,40 @@ def _as_function(key_map: Any):
     return key_map if isinstance(key_map, LinearKeyMap) else key_map.transform
 
 
+@dataclass
+class Answered:
+    """A set of examples generated with all their thoughts and with fewer: what the fits read."""
+
+    by_idx: dict[int, dict]
+    """example idx -> its full-length prediction (with ``thoughts``, (n, D), and ``correct``)"""
+    correct_at: dict[int, list[bool]]
+    """example idx -> [right with 1, 2, ..., n thoughts] (the last entry is the full-length answer)"""
+
+    @staticmethod
+    def of(full: list[dict], shorter: list[list[dict]]) -> Answered:
+        by_idx = {r["idx"]: r for r in full}
+        shorter_correct = [{p["idx"]: p["correct"] for p in preds} for preds in shorter]  # j = 1..T-1
+        correct_at = {i: [per_j[i] for per_j in shorter_correct][: len(by_idx[i]["thoughts"]) - 1]
+                      + [by_idx[i]["correct"]] for i in by_idx}
+        return Answered(by_idx, correct_at)
+
+    def thoughts(self, i: int) -> np.ndarray:
+        return self.by_idx[i]["thoughts"]  # (n, D)
+
+    def exit_step(self, i: int) -> int:
+        """The fewest thoughts (>= 1) after which the answer is right; n if none."""
+        return next((j + 1 for j, ok in enumerate(self.correct_at[i]) if ok), len(self.thoughts(i)))
+
+    def probe_samples(self, indices: list[int]) -> tuple[list[np.ndarray], list[float]]:
+        """Thought j of each example, labelled with whether the answer is right if it is the last."""
+        features, labels = [], []
+        for i in indices:
+            for j, thought in enumerate(self.thoughts(i)):
+                features.append(thought)
+                labels.append(float(self.correct_at[i][j]))
+        return features, labels
+
+
 def build_memory(
     model: Coconut,
     setup: RunSetup,
@@ -243,17 +279,26 @@ def build_memory(
         raise ConfigError("the memory stores thought trajectories, but the final stage has no thoughts "
                          "(max_latent_stage * c_thought is 0)")
     batch_size = retrieval.build_batch_size
-    generate = lambda features, keep: evaluate_generation(
-        model, tokenizer, examples, features, collate, batch_size=batch_size,
-        max_new_tokens=config.resolved_max_new_tokens, context=context, lockstep=lockstep, keep_thoughts=keep,
-        step_separator=config.step_separator)
-    full = generate(prompts, True).predictions
-    shorter = [generate([with_thoughts(f, j, spec.latent_id) for f in prompts], False).predictions
-               for j in range(1, max_thoughts)]
+
+    def answered(examples_: list, prompts_: list[dict]) -> Answered:
+        """Every prompt with all its thoughts (keeping them) and with 1 .. max_thoughts - 1 of them."""
+        generate = lambda features, keep: evaluate_generation(
+            model, tokenizer, examples_, features, collate, batch_size=batch_size,
+            max_new_tokens=config.resolved_max_new_tokens, context=context, lockstep=lockstep, keep_thoughts=keep,
+            step_separator=config.step_separator)
+        full = generate(prompts_, True).predictions
+        shorter = [generate([with_thoughts(f, j, spec.latent_id) for f in prompts_], False).predictions
+                   for j in range(1, max_thoughts)]
+        return Answered.of(full, shorter)
+
+    build = answered(examples, prompts)
+    calibration = None
+    if setup.calibration_tokens:  # retrieval.calibrate_from: examples new to the model
+        calibration = answered(setup.calibration_examples, prompt_view(setup.calibration_tokens, stage, spec))
 
     fingerprint = model_fingerprint(model)
     if context.is_main:
-        _fit_and_save(full, shorter, max_thoughts, config, fingerprint, epoch, key_head, path,
+        _fit_and_save(build, calibration, max_thoughts, config, fingerprint, epoch, key_head, path,
                       hidden_size=model.base_causallm.config.hidden_size)
     context.barrier()
     parts = load_memory(path, fingerprint)
@@ -262,27 +307,24 @@ def build_memory(
     return BuildResult(parts=parts, report=report)
 
 
-def _fit_and_save(full: list[dict], shorter: list[list[dict]], steps: int, config: Config, fingerprint: str,
+def _fit_and_save(build: Answered, calibration: Answered | None, steps: int, config: Config, fingerprint: str,
                   epoch: int, key_head: LinearKeyMap | None, path: Path, hidden_size: int) -> dict[str, Any]:
+    """Fit the maps, the store, the confidence and the probe; write them at ``path``.
+
+    ``calibration`` (``retrieval.calibrate_from``) holds examples new to the model; without it the
+    calibrations are fitted on a held-out part of the build examples.
+    """
     retrieval, nudge = config.retrieval, config.nudge
-    by_idx = {r["idx"]: r for r in full}
-    shorter_correct = [{p["idx"]: p["correct"] for p in preds} for preds in shorter]  # j = 1..T-1: idx -> right
-    # idx -> [right with 1, 2, ..., n thoughts] (the last entry is the full-length answer)
-    correct_at = {i: [per_j[i] for per_j in shorter_correct][: len(by_idx[i]["thoughts"]) - 1] + [by_idx[i]["correct"]]
-                  for i in by_idx}
-    indices = sorted(by_idx)
-    rng = np.random.default_rng(config.seed + 1)
-    held_out = set(rng.choice(indices, size=max(1, int(round(len(indices) * retrieval.calibration_fraction))),
-                              replace=False).tolist()) if len(indices) > 1 else set()
+    indices = sorted(build.by_idx)
+    held_out: set[int] = set()
+    if calibration is None and len(indices) > 1:
+        rng = np.random.default_rng(config.seed + 1)
+        held_out = set(rng.choice(indices, size=max(1, int(round(len(indices) * retrieval.calibration_fraction))),
+                                  replace=False).tolist())
     fit_indices = [i for i in indices if i not in held_out]
-    held_indices = [i for i in indices if i in held_out]
-
-    def thoughts_of(i: int) -> np.ndarray:
-        return by_idx[i]["thoughts"]  # (n, D)
-
-    def exit_step(i: int) -> int:
-        """The fewest thoughts (>= 1) after which the answer is right; n if none."""
-        return next((j + 1 for j, ok in enumerate(correct_at[i]) if ok), len(thoughts_of(i)))
+    calibration_set = calibration if calibration is not None else build
+    calibration_indices = sorted(calibration.by_idx) if calibration is not None else sorted(held_out)
+    thoughts_of, exit_step = build.thoughts, build.exit_step
 
     anchors = np.stack([thoughts_of(i)[0] for i in fit_indices])  # (N, D)
     if key_head is not None:
@@ -296,13 +338,13 @@ def _fit_and_save(full: list[dict], shorter: list[list[dict]], steps: int, confi
     value_dim = retrieval.value_dim if retrieval.value_dim and retrieval.value_dim < hidden_size else None
     value_map = PCAProjection.fit(all_thoughts, value_dim)
 
-    def keys_of(indices_: list[int]) -> np.ndarray:
-        keys = key_fn(np.stack([thoughts_of(i)[0] for i in indices_]))
+    def keys_of(indices_: list[int], answered: Answered = build) -> np.ndarray:
+        keys = key_fn(np.stack([answered.thoughts(i)[0] for i in indices_]))
         if retrieval.normalize_keys:
             keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
         return keys.astype(np.float32)
 
-    stored = [i for i in fit_indices if by_idx[i]["correct"] or not retrieval.correct_only]
+    stored = [i for i in fit_indices if build.by_idx[i]["correct"] or not retrieval.correct_only]
     value_size = value_map.transform(all_thoughts[:1]).shape[1]
     store = LatentMemory(key_dim=keys_of(fit_indices[:1]).shape[1], steps=steps, value_dim=value_size,
                          metric=retrieval.metric, fingerprint=fingerprint)
@@ -311,34 +353,34 @@ def _fit_and_save(full: list[dict], shorter: list[list[dict]], steps: int, confi
         for row, i in enumerate(stored):
             trajectory = thoughts_of(i)
             values[row, : len(trajectory)] = value_map.transform(trajectory)
-        metadata = [{"example": int(i), "correct": bool(by_idx[i]["correct"]), "exit_step": exit_step(i),
+        metadata = [{"example": int(i), "correct": bool(build.by_idx[i]["correct"]), "exit_step": exit_step(i),
                      "thoughts": int(len(thoughts_of(i))), "added_epoch": int(epoch), "retrieved": 0} for i in stored]
         store.add(keys_of(stored), values, metadata, dedup_threshold=retrieval.dedup_threshold)
 
     confidence = make_calibrator(nudge.calibration)
-    if held_indices and len(store):
-        sims, ids = store.search(keys_of(held_indices), 1)
+    if calibration_indices and len(store):
+        sims, ids = store.search(keys_of(calibration_indices, calibration_set), 1)
         best = sims[:, 0]
         finite = np.isfinite(best)
-        confidence.fit(best[finite], np.array([by_idx[i]["correct"] for i in held_indices])[finite])
+        confidence.fit(best[finite], np.array([calibration_set.by_idx[i]["correct"]
+                                               for i in calibration_indices])[finite])
     else:
         confidence.fit(np.zeros(0), np.zeros(0))
 
     probe = None
-    features, labels, held_features, held_labels = [], [], [], []
-    for i in indices:
-        trajectory = thoughts_of(i)
-        target_f, target_l = (held_features, held_labels) if i in held_out else (features, labels)
-        for j in range(len(trajectory)):  # thought j, if it were the last: right after j + 1 thoughts?
-            target_f.append(trajectory[j])
-            target_l.append(float(correct_at[i][j]))
+    features, labels = build.probe_samples(fit_indices)
+    held_features, held_labels = calibration_set.probe_samples(calibration_indices)
     if features and held_features:
         probe = fit_exit_probe(np.stack(features), np.array(labels), np.stack(held_features), np.array(held_labels),
                                calibration="platt" if nudge.calibration == "none" else nudge.calibration)
 
     report = {
-        "epoch": int(epoch), "examples": len(indices), "held_out": len(held_indices),
-        "fit_accuracy": float(np.mean([by_idx[i]["correct"] for i in fit_indices])) if fit_indices else 0.0,
+        "epoch": int(epoch), "examples": len(indices), "held_out": len(held_out),
+        "calibrated_on": (f"retrieval.calibrate_from ({len(calibration_indices)} examples)" if calibration is not None
+                          else f"held-out build examples ({len(calibration_indices)})"),
+        "calibration_accuracy": (float(np.mean([calibration_set.by_idx[i]["correct"] for i in calibration_indices]))
+                                 if calibration_indices else None),
+        "fit_accuracy": float(np.mean([build.by_idx[i]["correct"] for i in fit_indices])) if fit_indices else 0.0,
         "entries": len(store), "skipped_duplicates": len(stored) - len(store), "steps": steps,
         "key_dim": store.key_dim, "value_dim": store.value_dim,
         "value_retained_variance": float(value_map.retained_variance),

@@ -1,0 +1,105 @@
+"""``retrieval.calibrate_from``: both calibrations fitted on questions new to the model, and the checks
+that keep a tuning or calibration file apart from the data the model and the memory have seen."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_config
+
+from noblankslate.config import NudgeConfig, RetrievalConfig, config_from_dict
+from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
+from noblankslate.data.schema import DataError
+from noblankslate.eval.setup import load_calibration_data, load_run_data
+from noblankslate.memory.builder import Answered, _fit_and_save, load_memory
+from noblankslate.memory.calibration import make_calibrator
+
+D, STEPS = 6, 3
+
+
+def answered(n: int, seed: int, right: float) -> Answered:
+    """``n`` examples with random thoughts; each answer (with 1, 2, 3 thoughts) right with chance ``right``."""
+    rng = np.random.default_rng(seed)
+    by_idx, correct_at = {}, {}
+    for i in range(n):
+        at = (rng.random(STEPS) < right).tolist()
+        by_idx[i] = {"idx": i, "thoughts": rng.normal(size=(STEPS, D)).astype(np.float32), "correct": at[-1]}
+        correct_at[i] = at
+    return Answered(by_idx, correct_at)
+
+
+def fit(tmp_path, name, build, calibration):
+    config = SimpleNamespace(seed=0, retrieval=RetrievalConfig(correct_only=False, dedup_threshold=None),
+                             nudge=NudgeConfig(calibration="platt"))
+    path = tmp_path / name / "index.bin"
+    path.parent.mkdir()
+    report = _fit_and_save(build, calibration, STEPS, config, "model", 0, None, path, hidden_size=D)
+    return report, load_memory(path)
+
+
+def test_calibrate_from_fits_both_calibrations_on_the_new_examples_only(tmp_path):
+    build = answered(60, seed=0, right=0.9)
+    new = answered(40, seed=1, right=0.5)  # answered worse, like questions the model has not trained on
+    report, parts = fit(tmp_path, "new", build, new)
+    assert report["held_out"] == 0 and report["examples"] == 60 and len(parts.store) == 60  # every build example stored
+    assert report["calibrated_on"] == "retrieval.calibrate_from (40 examples)"
+    assert report["calibration_accuracy"] == pytest.approx(np.mean([new.by_idx[i]["correct"] for i in new.by_idx]))
+
+    # the oracle: each calibrator fitted by hand on the new examples' scores and events
+    anchors = np.stack([new.thoughts(i)[0] for i in sorted(new.by_idx)])
+    keys = parts.key_map(anchors)
+    keys = (keys / np.linalg.norm(keys, axis=1, keepdims=True)).astype(np.float32)
+    best = parts.store.search(keys, 1)[0][:, 0]
+    expected = make_calibrator("platt").fit(best, [new.by_idx[i]["correct"] for i in sorted(new.by_idx)])
+    grid = np.linspace(-1, 1, 9)
+    np.testing.assert_allclose(parts.confidence(grid), expected(grid), rtol=1e-6)
+    features, labels = new.probe_samples(sorted(new.by_idx))
+    logits = parts.probe.logit(torch.as_tensor(np.stack(features))).numpy()
+    expected_probe = make_calibrator("platt").fit(logits, labels)
+    np.testing.assert_allclose(parts.probe.calibrator(grid * 5), expected_probe(grid * 5), rtol=1e-6)
+
+    # the same build with other new examples: the same store and probe weights, other calibrations
+    _, other = fit(tmp_path, "other", build, answered(40, seed=2, right=0.2))
+    np.testing.assert_array_equal(other.probe.weight, parts.probe.weight)
+    assert sorted(other.store.ids) == sorted(parts.store.ids)
+    assert not np.allclose(other.confidence(grid), parts.confidence(grid))
+    assert other.probe.calibrator(np.array([0.0]))[0] < parts.probe.calibrator(np.array([0.0]))[0]
+
+
+def test_without_calibrate_from_a_part_of_the_build_data_is_held_out(tmp_path):
+    report, parts = fit(tmp_path, "held", answered(60, seed=0, right=0.9), None)
+    assert report["held_out"] == 12 and len(parts.store) == 48  # calibration_fraction 0.2
+    assert report["calibrated_on"] == "held-out build examples (12)"
+
+
+def write(path, examples):
+    path.write_text(json.dumps(examples))
+    return path
+
+
+def test_a_calibration_file_that_shares_questions_with_the_seen_data_is_refused(tmp_path, tiny_data):
+    config = ProsQAConfig.small(concepts=(3, 4), distance=(2, 2))
+    train_file, val_file = tiny_data
+    seen = json.loads(train_file.read_text()) + json.loads(val_file.read_text())
+    fresh = generate_prosqa(8, seed=5, config=config, exclude_questions={e["question"] for e in seen})
+    good = write(tmp_path / "new.json", fresh)
+
+    def load(path):
+        raw = tiny_config(tmp_path, tiny_data, retrieval={"enabled": True, "calibrate_from": str(path)})
+        cfg = config_from_dict(raw)
+        train, val = load_run_data(cfg)
+        return load_calibration_data(cfg, train, train, val)
+
+    assert [e.question for e in load(good)] == [e["question"] for e in fresh]
+    leaky = write(tmp_path / "leaky.json", fresh[:3] + json.loads(val_file.read_text())[2:4])
+    with pytest.raises(DataError) as raised:
+        load(leaky)
+    message = str(raised.value)
+    assert "leaky.json: record 3" in message and "2 of its questions (records 3, 4) are also in" in message
+    assert str(val_file) in message and "retrieval.calibrate_from" in message
+    with pytest.raises(DataError, match=r"1 of its questions \(records 0\) are also in .*train.json"):
+        load(write(tmp_path / "train_leak.json", json.loads(train_file.read_text())[:1] + fresh[:2]))
