@@ -147,6 +147,9 @@ def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path,
         fixed = calibration["threshold_curve"][-1]  # every thought used: the plain evaluation itself
         assert fixed["threshold"] is None and fixed["exit_rate"] == 0.0 and fixed["mean_thoughts"] == epoch - 1
         assert fixed["accuracy"] == m["accuracy"]["without_retrieval"]
+        by_thought = calibration["by_thought"]  # every item has every thought: 12 samples at each
+        assert [t["thought"] for t in by_thought] == list(range(1, epoch)) and {t["samples"] for t in by_thought} == {12}
+        assert by_thought[-1]["event_rate"] == m["accuracy"]["without_retrieval"]  # the last thought: the plain answer
     parts = load_memory(index)
     assert parts.store.info["build"]["epoch"] == 3  # rebuilt at the end of the last epoch
     m3 = json.loads((run_dir / "retrieval_metrics_epoch_3.json").read_text())
@@ -325,3 +328,21 @@ def test_threshold_curve_on_a_hand_made_case():
     assert curve[0.9] == {"threshold": 0.9, "accuracy": 0.5, "mean_thoughts": 1.5, "exit_rate": 1.0}  # A at 1, B at 2
     assert curve[0.5] == {"threshold": 0.5, "accuracy": 0.5, "mean_thoughts": 1.0, "exit_rate": 1.0}
     assert curve[0.99] == curve[None] | {"threshold": 0.99}
+
+
+def test_calibration_by_thought_on_a_hand_made_case():
+    from noblankslate.memory.evaluation import calibration_by_thought
+
+    # the pooled score can look calibrated while one thought is badly overconfident: thought 2 here
+    items = [(np.array([0.95, 0.95]), [True, False]), (np.array([0.05, 0.95]), [False, False]),
+             (np.array([0.35]), [False])]  # an item with one thought adds nothing at thought 2
+    first, second = calibration_by_thought(items)
+    assert (first["thought"], first["samples"], second["thought"], second["samples"]) == (1, 3, 2, 2)
+    assert first["event_rate"] == pytest.approx(1 / 3) and second["event_rate"] == 0.0
+    assert first["mean_score"] == pytest.approx(0.45) and second["mean_score"] == pytest.approx(0.95)
+    # thought 1: bins 0.0-0.1 (0.05, wrong), 0.3-0.4 (0.35, wrong), 0.9-1.0 (0.95, right): (0.05 + 0.35 + 0.05) / 3
+    assert first["ece"] == pytest.approx(0.15)
+    assert second["ece"] == pytest.approx(0.95)  # both at 0.95, both wrong
+    top = second["reliability"][-1]
+    assert top["count"] == 2 and top["accuracy"] == 0.0
+    assert calibration_by_thought([]) == []

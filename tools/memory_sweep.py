@@ -242,6 +242,13 @@ def main() -> int:
     if calibration.get("available"):
         print(f"valid  exit probe calibration: ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f} "
               f"({calibration['samples']} item x thought samples)")
+        for t in calibration["by_thought"]:
+            top = [b for b in t["reliability"] if b["lower"] >= 0.9 and b["count"]]
+            top_count = sum(b["count"] for b in top)
+            top_right = sum(b["count"] * b["accuracy"] for b in top)
+            print(f"valid    exit after thought {t['thought']}: mean score {t['mean_score']:.3f}, right "
+                  f"{t['event_rate']:.3f}, ECE {t['ece']:.3f}; score >= 0.9: {top_count} samples, "
+                  + (f"{top_right / top_count:.3f} right" if top_count else "none"))
     print("acc off / on: plain model / with the memory on the same items; diff = on - off; b/c = items right only "
           "with / only without the memory; ECE: retrieval confidence vs right without the memory.")
     print(f"nudge: {nudge_note['kind']} ({nudge_note['alpha_max']})")

@@ -72,7 +72,26 @@ def exit_calibration(model: Coconut, setup: RunSetup, parts: MemoryParts, stage:
     return {"metric": "probe", "available": True, "samples": len(scores),
             "event": "right after thinking ends at the scored thought (memory off)",
             "ece": expected_calibration_error(scores_np, events_np), "brier": brier_score(scores_np, events_np),
-            "reliability": reliability_table(scores_np, events_np), "threshold_curve": threshold_curve(per_item)}
+            "reliability": reliability_table(scores_np, events_np), "threshold_curve": threshold_curve(per_item),
+            "by_thought": calibration_by_thought(per_item)}
+
+
+def calibration_by_thought(per_item: list[tuple[np.ndarray, list[bool]]]) -> list[dict[str, Any]]:
+    """The exit score's calibration at each thought separately (thought j + 1: exit after it).
+
+    The pooled ECE averages over thoughts, so a score can be calibrated overall and still be overconfident
+    at the one thought where a high threshold makes rows stop (docs/memory.md, P42's second seed): each
+    thought's own ECE and reliability show it. An item with fewer thoughts adds nothing past its last.
+    """
+    most = max((len(right) for _, right in per_item), default=0)
+    out = []
+    for j in range(most):
+        scores = np.array([float(score[j]) for score, right in per_item if j < len(right)])
+        events = np.array([bool(right[j]) for _, right in per_item if j < len(right)])
+        out.append({"thought": j + 1, "samples": len(scores), "mean_score": float(scores.mean()),
+                    "event_rate": float(events.mean()), "ece": expected_calibration_error(scores, events),
+                    "reliability": reliability_table(scores, events)})
+    return out
 
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
