@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from noblankslate.config import NudgeConfig, RetrievalConfig, config_from_dict
+from noblankslate.config import ConfigError, NudgeConfig, RetrievalConfig, config_from_dict
 from noblankslate.data.prosqa import ProsQAConfig, generate_prosqa
 from noblankslate.data.schema import DataError
 from noblankslate.eval.setup import load_calibration_data, load_run_data
@@ -32,9 +32,9 @@ def answered(n: int, seed: int, right: float) -> Answered:
     return Answered(by_idx, correct_at)
 
 
-def fit(tmp_path, name, build, calibration):
+def fit(tmp_path, name, build, calibration, probe_calibration="pooled"):
     config = SimpleNamespace(seed=0, retrieval=RetrievalConfig(correct_only=False, dedup_threshold=None),
-                             nudge=NudgeConfig(calibration="platt"))
+                             nudge=NudgeConfig(calibration="platt", probe_calibration=probe_calibration))
     path = tmp_path / name / "index.bin"
     path.parent.mkdir()
     report = _fit_and_save(build, calibration, STEPS, config, "model", 0, None, path, hidden_size=D)
@@ -57,7 +57,7 @@ def test_calibrate_from_fits_both_calibrations_on_the_new_examples_only(tmp_path
     expected = make_calibrator("platt").fit(best, [new.by_idx[i]["correct"] for i in sorted(new.by_idx)])
     grid = np.linspace(-1, 1, 9)
     np.testing.assert_allclose(parts.confidence(grid), expected(grid), rtol=1e-6)
-    features, labels = new.probe_samples(sorted(new.by_idx))
+    features, labels, _ = new.probe_samples(sorted(new.by_idx))
     logits = parts.probe.logit(torch.as_tensor(np.stack(features))).numpy()
     expected_probe = make_calibrator("platt").fit(logits, labels)
     np.testing.assert_allclose(parts.probe.calibrator(grid * 5), expected_probe(grid * 5), rtol=1e-6)
@@ -74,6 +74,60 @@ def test_without_calibrate_from_a_part_of_the_build_data_is_held_out(tmp_path):
     report, parts = fit(tmp_path, "held", answered(60, seed=0, right=0.9), None)
     assert report["held_out"] == 12 and len(parts.store) == 48  # calibration_fraction 0.2
     assert report["calibrated_on"] == "held-out build examples (12)"
+
+
+def answered_by_thought(n: int, seed: int, right: tuple[float, ...]) -> Answered:
+    """Like ``answered``, but the answer after thought j is right with chance ``right[j]``."""
+    rng = np.random.default_rng(seed)
+    by_idx, correct_at = {}, {}
+    for i in range(n):
+        at = (rng.random(len(right)) < np.array(right)).tolist()
+        by_idx[i] = {"idx": i, "thoughts": rng.normal(size=(len(right), D)).astype(np.float32), "correct": at[-1]}
+        correct_at[i] = at
+    return Answered(by_idx, correct_at)
+
+
+def test_per_thought_calibration_fits_one_map_per_thought_on_its_own_samples(tmp_path):
+    from noblankslate.eval.metrics import expected_calibration_error
+
+    build = answered_by_thought(60, seed=0, right=(0.9, 0.9, 0.9))
+    # new questions: right after thoughts 1 and 3 mostly, after thought 2 rarely: one pooled map cannot fit both
+    new = answered_by_thought(300, seed=1, right=(0.9, 0.1, 0.9))
+    _, pooled = fit(tmp_path, "pooled", build, new)
+    _, per = fit(tmp_path, "per", build, new, probe_calibration="per_thought")
+    assert pooled.probe.by_thought is None and len(per.probe.by_thought) == STEPS
+    np.testing.assert_array_equal(per.probe.weight, pooled.probe.weight)  # only the calibration differs
+
+    features, labels, steps = new.probe_samples(sorted(new.by_idx))
+    x, y, j = torch.as_tensor(np.stack(features)), np.array(labels), np.array(steps)
+    logits = per.probe.logit(x).numpy()
+    for step in range(STEPS):  # the oracle: each thought's map is Platt fitted on that thought's samples alone
+        expected = make_calibrator("platt").fit(logits[j == step], y[j == step])
+        np.testing.assert_allclose(per.probe.probability(x[j == step], step).numpy(), expected(logits[j == step]),
+                                   rtol=1e-5)
+    # per row: the same as by thought index
+    rows = per.probe.probability(x, torch.as_tensor(j)).numpy()
+    np.testing.assert_allclose(rows[j == 1], per.probe.probability(x[j == 1], 1).numpy(), rtol=1e-6)
+    assert rows[j == 1].mean() < 0.3 < 0.7 < rows[j == 0].mean()
+    pooled_scores = pooled.probe.probability(x, torch.as_tensor(j)).numpy()
+    assert expected_calibration_error(rows[j == 1], y[j == 1]) < expected_calibration_error(pooled_scores[j == 1], y[j == 1]) - 0.3
+
+
+def test_a_thought_with_one_outcome_keeps_the_pooled_map(tmp_path):
+    build = answered_by_thought(60, seed=0, right=(0.9, 0.9, 0.9))
+    new = answered_by_thought(100, seed=1, right=(0.5, 1.0, 0.5))  # thought 2 always right: no map of its own
+    _, per = fit(tmp_path, "per", build, new, probe_calibration="per_thought")
+    assert per.probe.by_thought[1] is None and per.probe.by_thought[0] is not None
+    x = torch.as_tensor(np.random.default_rng(3).normal(size=(5, D)).astype(np.float32))
+    np.testing.assert_allclose(per.probe.probability(x, 1).numpy(), per.probe.calibrator(per.probe.logit(x)).numpy())
+    small = answered_by_thought(10, seed=2, right=(0.5, 0.5, 0.5))  # 10 samples per thought: fewer than 20
+    _, few = fit(tmp_path, "few", build, small, probe_calibration="per_thought")
+    assert few.probe.by_thought == [None, None, None]
+
+
+def test_probe_calibration_is_checked():
+    with pytest.raises(ConfigError, match="nudge.probe_calibration: expected pooled or per_thought, got 'thought'"):
+        NudgeConfig(probe_calibration="thought")
 
 
 def write(path, examples):

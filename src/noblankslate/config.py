@@ -203,10 +203,16 @@ class NudgeConfig:
     confidence once the neighbours' recorded exit step is reached (training-free)."""
     match_norm: bool = True
     """Rescale a nudged thought to the norm of the original one."""
+    probe_calibration: str = "pooled"
+    """"pooled": one calibration of the exit probe for every thought; "per_thought": one per thought index,
+    each fitted on that thought's calibration samples (a thought with fewer than 20, or with one outcome
+    only, keeps the pooled one). docs/memory.md, Calibration."""
 
     def __post_init__(self) -> None:
         if self.calibration not in ("none", "temperature", "platt", "isotonic"):
             raise ConfigError(f"nudge.calibration: expected none, temperature, platt or isotonic, got {self.calibration!r}")
+        if self.probe_calibration not in ("pooled", "per_thought"):
+            raise ConfigError(f"nudge.probe_calibration: expected pooled or per_thought, got {self.probe_calibration!r}")
         if self.exit_metric not in ("probe", "stability", "neighbors"):
             raise ConfigError(f"nudge.exit_metric: expected probe, stability or neighbors, got {self.exit_metric!r}")
         if self.alpha_max < 0:

@@ -233,14 +233,15 @@ class Answered:
         """The fewest thoughts (>= 1) after which the answer is right; n if none."""
         return next((j + 1 for j, ok in enumerate(self.correct_at[i]) if ok), len(self.thoughts(i)))
 
-    def probe_samples(self, indices: list[int]) -> tuple[list[np.ndarray], list[float]]:
-        """Thought j of each example, labelled with whether the answer is right if it is the last."""
-        features, labels = [], []
+    def probe_samples(self, indices: list[int]) -> tuple[list[np.ndarray], list[float], list[int]]:
+        """Thought j of each example, labelled with whether the answer is right if it is the last, and j."""
+        features, labels, steps = [], [], []
         for i in indices:
             for j, thought in enumerate(self.thoughts(i)):
                 features.append(thought)
                 labels.append(float(self.correct_at[i][j]))
-        return features, labels
+                steps.append(j)
+        return features, labels, steps
 
 
 def build_memory(
@@ -368,11 +369,12 @@ def _fit_and_save(build: Answered, calibration: Answered | None, steps: int, con
         confidence.fit(np.zeros(0), np.zeros(0))
 
     probe = None
-    features, labels = build.probe_samples(fit_indices)
-    held_features, held_labels = calibration_set.probe_samples(calibration_indices)
+    features, labels, _ = build.probe_samples(fit_indices)
+    held_features, held_labels, held_steps = calibration_set.probe_samples(calibration_indices)
     if features and held_features:
         probe = fit_exit_probe(np.stack(features), np.array(labels), np.stack(held_features), np.array(held_labels),
-                               calibration="platt" if nudge.calibration == "none" else nudge.calibration)
+                               calibration="platt" if nudge.calibration == "none" else nudge.calibration,
+                               held_out_steps=np.array(held_steps) if nudge.probe_calibration == "per_thought" else None)
 
     report = {
         "epoch": int(epoch), "examples": len(indices), "held_out": len(held_out),

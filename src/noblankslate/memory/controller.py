@@ -180,7 +180,7 @@ class MemoryController:
         """(B,) every row's score for making this thought (number ``step + 1``) its last; higher = stop."""
         metric = self.nudge.exit_metric
         if metric == "probe":
-            return self.parts.probe.probability(thought).float()
+            return self.parts.probe.probability(thought, step).float()
         if metric == "stability":
             # Defined from the second thought on (it compares a thought with the one before): the first
             # thought can never be the last under this metric (docs/memory.md).

@@ -60,7 +60,7 @@ def exit_calibration(model: Coconut, setup: RunSetup, parts: MemoryParts, stage:
         thoughts = torch.as_tensor(record["thoughts"])  # (n, D)
         if len(thoughts) == 0:
             continue
-        probability = parts.probe.probability(thoughts).float().cpu().numpy()  # (n,)
+        probability = parts.probe.probability(thoughts, torch.arange(len(thoughts))).float().cpu().numpy()  # (n,)
         right = [bool(record["correct"]) if j + 1 == len(thoughts) else bool(right_after[j + 1][record["idx"]])
                  for j in range(len(thoughts))]
         scores += probability.tolist()
