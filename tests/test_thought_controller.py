@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from helpers import MODEL_FACTORIES, wrap
+from helpers import LATENT, MODEL_FACTORIES, wrap
 from test_generate import pad, prompt
 
 ROWS = [(7, 3), (12, 0), (4, 1), (9, 2), (5, 6), (6, 4)]  # (question length, latent count)
@@ -169,3 +169,29 @@ def test_evaluation_reads_a_record_only_from_controllers_that_keep_one():
     assert take_batch_record(recorder) == [{"hit": True}, {"hit": False}]
     assert recorder.record is None  # cleared for the next batch
     assert take_batch_record(recorder) is None
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_without_markers_a_row_that_stops_answers_from_its_last_thought(setup, side, lockstep):
+    """``latent_markers: false``: the prompt ends with its latent slots, so a row that stops early must read
+    its first answer token at its last *used* slot, as the row alone with fewer thoughts does (the last
+    column of its prompt is then a skipped slot, whose output is noise)."""
+    model, _ = setup
+    rng = random.Random(7)
+    shapes = [(7, 4), (5, 4), (9, 2), (6, 4), (8, 3)]  # (question length, latent count)
+    from test_generate import WORDS
+
+    rows = [[rng.choice(WORDS) for _ in range(q)] + [LATENT] * n for q, n in shapes]
+    ids, mask = pad(rows, side)
+    stop_after = [1, 2, -1, 3, 1]  # rows 0, 1, 3 and 4 stop before their last thought
+    extra = {"sync_forward_passes": 4 + 8 + 1} if lockstep else {}
+    out = model.generate(ids, mask, max_new_tokens=8, controller=StopAfter(stop_after), **extra)
+    stopped_at_full = model.generate(ids, mask, max_new_tokens=8, **extra)
+    for b, ((q, n), stop) in enumerate(zip(shapes, stop_after)):
+        used = n if stop < 0 else stop
+        assert out.thoughts_used[b] == used
+        alone = model.generate(torch.tensor([rows[b][: q + used]]), max_new_tokens=8)
+        assert out.sequences()[b] == alone.sequences()[0], f"row {b}"
+        assert out.forward_passes[b] == alone.forward_passes[0]
+    assert out.sequences()[2] == stopped_at_full.sequences()[2]  # the row that did not stop is unchanged

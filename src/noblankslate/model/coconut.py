@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
-from noblankslate.model.latent import LatentLayout, align_prompts, latent_layout
+from noblankslate.model.latent import AlignedPrompts, LatentLayout, align_prompts, latent_layout
 
 IGNORE_INDEX = -100
 
@@ -539,7 +539,7 @@ class Coconut(nn.Module):
         skipped = layout.counts - passed.used  # (B,) latent slots a stopped row did not use
         lengths_after_thoughts = prompts.lengths - skipped  # (B,) the row's prompt length as if alone
         forward_passes = passed.used + 1  # as alone: the prefix, then one pass per thought (the last with the rest)
-        last_hidden = passed.hidden[torch.arange(batch, device=device), prompts.last_column]  # (B, D)
+        last_hidden = passed.hidden[torch.arange(batch, device=device), answer_columns(prompts, layout, passed.used)]
         next_tokens = pick(self.lm_head(last_hidden))  # (B,)
 
         tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -584,6 +584,15 @@ class Coconut(nn.Module):
         mask, positions = torch.ones_like(token), torch.zeros_like(token)
         for _ in range(missing):
             self._backbone(embeds, mask, positions, cache=None)
+
+
+def answer_columns(prompts: AlignedPrompts, layout: LatentLayout, used: Tensor) -> Tensor:
+    """(B,) the column whose output predicts each row's first new token: its last real token, except
+    where the prompt ends with its latent slots (``latent_markers: false``) and the row stopped early:
+    then its last *used* slot, as for the row alone with ``used`` thoughts (the prompt's last column is
+    a skipped slot, masked, whose output answers nothing)."""
+    ends_in_slots = (layout.counts > 0) & (prompts.last_column == layout.start + layout.counts - 1)
+    return torch.where(ends_in_slots, layout.start + used - 1, prompts.last_column)
 
 
 def _greedy(logits: Tensor) -> Tensor:
