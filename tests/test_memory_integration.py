@@ -279,6 +279,7 @@ def test_memory_sweep_tunes_on_training_data_and_reports_controls_on_validation(
     train(config_from_dict(raw), CPU)
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(json.dumps(raw))
+    assert not (tmp_path / "sweep").exists()  # the run's index.path: this run trained without the memory
     out = tmp_path / "sweep.json"
     tool = Path(__file__).resolve().parents[1] / "tools" / "memory_sweep.py"
     done = subprocess.run([sys.executable, str(tool), str(config_file), "--checkpoint", str(tmp_path / "runs" / "tiny" / "checkpoint_3"),
@@ -294,6 +295,9 @@ def test_memory_sweep_tunes_on_training_data_and_reports_controls_on_validation(
     assert all(m["split"] == "valid" and m["items"] == 12 for m in result["validation"].values())
     assert "<- chosen" in done.stdout and done.stdout.count("\nvalid ") >= 4
     assert result["tune_source"] == "held-out training examples"
+    # the sweep's memory is its own file, beside --out: the run's index.path is not written
+    assert result["memory_path"] == str(tmp_path / "sweep_memory" / "index.bin")
+    assert (tmp_path / "sweep_memory" / "index.bin").is_file() and not (tmp_path / "sweep").exists()
 
     # tuned and calibrated on new questions (two files apart from train and valid), the memory built from all
     # of the training data; a tuning file that holds validation questions is refused before any build

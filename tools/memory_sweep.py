@@ -2,7 +2,7 @@
 
     python tools/memory_sweep.py CONFIG --checkpoint RUN/checkpoint_N [--tune 300] [--alphas 0 0.1 0.3 0.5]
         [--thresholds off 0.9 0.95 0.99] [--metrics probe stability neighbors] [--temperatures 1 0.05]
-        [--max-loss 0.005] [--out sweep.json] [key=value ...]
+        [--max-loss 0.005] [--out sweep.json] [--memory-path P] [key=value ...]
 
 1. ``--tune`` examples are drawn (seeded) from the memory's training data (``retrieval.build_from`` or
    ``train_path``) and held out of the memory, which is built once from the rest with the checkpoint's
@@ -25,7 +25,9 @@ own evaluation. The gate sets each thought's step itself, so ``--alphas`` does n
 shuffled-neighbours controls go through the gate too (full replacement is alpha 1 by definition, the
 fixed nudge). Every result records which nudge it used (``nudge.kind``: "gate" or "fixed").
 
-Every printed row says which split its numbers come from.
+Every printed row says which split its numbers come from. The sweep's memory is written beside ``--out``
+(``OUT_memory/index.bin``; ``--memory-path`` to choose), never at the run's ``index.path``, whose memory
+(built by the run's last epoch) it would replace.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,6 +130,8 @@ def main() -> int:
     parser.add_argument("--max-loss", type=float, default=0.005, help="accuracy an exit may lose on the tuning split")
     parser.add_argument("--out", help="write every result (tuning and validation) here (JSON)")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--memory-path", help="where the sweep's memory is written (default: beside --out, "
+                        "OUT_memory/index.bin, or a temporary folder); never the run's own index.path")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()  # options may come before or after the overrides
     if args.threads:
@@ -133,6 +139,12 @@ def main() -> int:
 
     config = load_config(args.config, [*args.overrides, f"load_model_path={args.checkpoint}", "only_eval=true",
                                        "retrieval.enabled=true"])
+    # The sweep's memory has a file of its own: written at the run's index.path, it would replace the memory
+    # the run's last epoch built, and two sweeps of one run at once would clean up each other's files.
+    scratch = tempfile.TemporaryDirectory(prefix="memory-sweep-") if not (args.memory_path or args.out) else None
+    memory_path = args.memory_path or (str(Path(args.out).with_suffix("")) + "_memory/index.bin" if args.out
+                                       else str(Path(scratch.name) / "index.bin"))
+    config = dataclasses.replace(config, index=dataclasses.replace(config.index, path=memory_path))
     with distributed_context() as context:
         setup = setup_run(config)
         position = evaluated_position(args.checkpoint, config)
@@ -257,7 +269,8 @@ def main() -> int:
             json.dump({"nudge": nudge_note, "tuning": results, "chosen_setting": setting, "validation": report,
                        "exit_calibration": calibration, "tune_examples": len(tune),
                        "tune_source": args.tune_path or "held-out training examples",
-                       "calibrated_on": built.report["calibrated_on"], "memory_build": built.report}, f, indent=1)
+                       "calibrated_on": built.report["calibrated_on"], "memory_build": built.report,
+                       "memory_path": memory_path if scratch is None else None}, f, indent=1)
     return 0
 
 
