@@ -57,6 +57,33 @@ def test_zero_alpha_and_no_exit_is_plain_coconut(model_and_rows):
     assert controller.record.hit.all()  # it did search: every row had a neighbour
 
 
+def test_the_controller_runs_its_numpy_products_on_one_blas_thread(model_and_rows):
+    """Several OpenBLAS threads spin after each product on the cores torch needs next (docs/memory.md, Cost)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    model, rows = model_and_rows
+    parts = synthetic_parts(model, rows)
+    seen = []
+
+    def watching(x):
+        seen.append(blas_threads())
+        return x
+
+    parts.key_map = parts.value_inverse = watching
+    controller = MemoryController(parts, RetrievalConfig(sim_threshold=-1.0), NudgeConfig(alpha_max=0.3))
+    ids, mask = pad(rows, "right")
+    with threadpool_limits(limits=2, user_api="blas"):  # as on a 2-core machine, whatever this one has
+        outside = blas_threads()
+        model.generate(ids, mask, max_new_tokens=2, controller=controller)
+        after = blas_threads()
+    assert outside and set(outside.values()) == {2}
+    assert len(seen) == 2 and all(threads == {path: 1 for path in outside} for threads in seen)  # key map, values
+    assert after == outside  # the limit holds only inside the controller
+
+
 @pytest.mark.parametrize("metric, threshold", [("neighbors", 0.1), ("stability", 0.2)])
 def test_memory_controller_batched_equals_each_row_alone(model_and_rows, metric, threshold):
     model, rows = model_and_rows
