@@ -12,6 +12,7 @@ nudge per thought. Prints the overhead and the bytes per entry.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -22,6 +23,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from noblankslate.config import NudgeConfig, RetrievalConfig
+from noblankslate.memory import controller as controller_module
 from noblankslate.memory.calibration import make_calibrator
 from noblankslate.memory.controller import MemoryController, MemoryParts
 from noblankslate.memory.projection import PCAProjection
@@ -72,7 +74,8 @@ def make_memory(entries: int, width: int, steps: int, key_dim: int, value_dim: i
         values = rng.normal(size=(n, steps, value_dim)).astype(np.float32)
         store.add(keys, values, [{"thoughts": steps, "exit_step": steps}] * n)
     fit_data = rng.normal(size=(max(4 * width, 512), width)).astype(np.float32)
-    key_map = PCAProjection.fit(fit_data, key_dim if key_dim < width else None)
+    # as the builder makes them: keys reduced by PCA, or centred on the mean anchor (a product either way)
+    key_map = PCAProjection.fit(fit_data, key_dim) if key_dim < width else PCAProjection.centering(fit_data)
     value_map = PCAProjection.fit(fit_data, value_dim if value_dim < width else None)
     confidence = make_calibrator("platt").fit(np.linspace(-1, 1, 50), np.arange(50) % 2)
     return MemoryParts(store=store, key_map=key_map.transform, value_inverse=value_map.inverse_transform, confidence=confidence)
@@ -116,20 +119,34 @@ def main() -> None:
           f"(float16), built in {time.perf_counter() - started:.1f} s")
     controller = MemoryController(parts, RetrievalConfig(k=4, sim_threshold=-1.0), NudgeConfig(alpha_max=0.3, clip_radius=5.0))
 
+    def blas_unlimited():
+        """The controller as before 2026-12-04: numpy's BLAS on all its threads (the reference)."""
+        limit = controller_module._BLAS.limit
+        controller_module._BLAS.limit = lambda **_: contextlib.nullcontext()
+        try:
+            nudged()
+        finally:
+            controller_module._BLAS.limit = limit
+
     with torch.no_grad():
         plain = lambda: model.generate(ids, mask, max_new_tokens=args.new_tokens)
         nudged = lambda: model.generate(ids, mask, max_new_tokens=args.new_tokens, controller=controller)
         plain(), nudged()  # warm-up
         controller.seconds = 0.0
-        off, on = [], []
-        for _ in range(args.repeats):  # interleaved, so drifting load hits both alike
+        off, on, unlimited = [], [], []
+        for _ in range(args.repeats):  # interleaved, so drifting load hits all alike
             off += timed(plain, 1)
             on += timed(nudged, 1)
-    t_off, t_on = statistics.median(off), statistics.median(on)
+            seconds = controller.seconds
+            unlimited += timed(blas_unlimited, 1)
+            controller.seconds = seconds  # the reference's controller time is not this run's
+    t_off, t_on, t_unlimited = statistics.median(off), statistics.median(on), statistics.median(unlimited)
     memory_share = controller.seconds / args.repeats / t_off
     print(f"generation, batch {args.batch}, {args.thoughts} thoughts, {args.new_tokens} new tokens (median of {args.repeats}):")
     print(f"  without memory        {t_off * 1000:9.1f} ms")
     print(f"  with memory (nudge)   {t_on * 1000:9.1f} ms   wall-clock overhead {100 * (t_on - t_off) / t_off:+.2f}%")
+    print(f"  same, BLAS unlimited  {t_unlimited * 1000:9.1f} ms   wall-clock overhead {100 * (t_unlimited - t_off) / t_off:+.2f}%"
+          "   (numpy's BLAS on all threads: the controller before 2026-12-04)")
     print(f"  inside the controller {controller.seconds / args.repeats * 1000:9.1f} ms   = {100 * memory_share:.2f}% of generation "
           f"(search + gather + nudges; target <= 5%)")
     print(f"bytes per entry: {parts.store.bytes_per_entry():,} here; "
