@@ -29,7 +29,8 @@ _BLAS = ThreadpoolController()
 """numpy's BLAS, limited to one thread around the controller's products. They are tiny (a batch's keys,
 its neighbours' thoughts), but on several threads OpenBLAS's workers spin after each call on the cores
 torch's threads need for the next transformer pass: measured on a 2-core EPYC, generation at batch 32 took
-3x the plain model's time with the memory on, against +5% on one BLAS thread (docs/memory.md, Cost)."""
+3x the plain model's time with the memory on, and about the plain model's time on one BLAS thread
+(docs/memory.md, Cost)."""
 
 
 @dataclass

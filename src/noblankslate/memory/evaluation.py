@@ -80,8 +80,8 @@ def calibration_by_thought(per_item: list[tuple[np.ndarray, list[bool]]]) -> lis
     """The exit score's calibration at each thought separately (thought j + 1: exit after it).
 
     The pooled ECE averages over thoughts, so a score can be calibrated overall and still be overconfident
-    at the one thought where a high threshold makes rows stop (docs/memory.md, P42's second seed): each
-    thought's own ECE and reliability show it. An item with fewer thoughts adds nothing past its last.
+    at the one thought where a high threshold makes rows stop: each thought's own ECE and reliability show
+    it. An item with fewer thoughts adds nothing past its last.
     """
     most = max((len(right) for _, right in per_item), default=0)
     out = []

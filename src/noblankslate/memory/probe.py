@@ -9,7 +9,8 @@ step), and its logit is then calibrated on held-out examples so the exit thresho
 The calibration is one map for every thought by default. With ``nudge.probe_calibration: per_thought``
 each thought index gets its own map, fitted on that thought's held-out samples: the weights are fitted on
 training examples, which the model answers right at nearly every thought, so the logit can rank one
-thought's states well and still read too high at another on new questions (docs/memory.md, P43).
+thought's states well and still read too high at another on new questions. Measured on the chain task
+it did not help (docs/memory.md, P43), so it is off by default.
 """
 
 from __future__ import annotations
