@@ -7,7 +7,7 @@ between no row stopping and every row stopping. Printed for the compacted passes
 (rows that stop leave the later passes) and for the masked lockstep passes (every row stays in every pass,
 as FSDP generation and the previous code did), at batch 1 and at a large batch.
 
-    python bench/bench_exit.py [--layers 6 --width 768 --batch 64 --thoughts 12 --question 30 --threads 1]
+    python bench/bench_exit.py [--layers 6 --width 768 --batch 64 --thoughts 12 --question 30 --threads 1] [--no-markers]
 """
 
 from __future__ import annotations
@@ -44,9 +44,12 @@ def make_model(layers: int, width: int) -> Coconut:
     return Coconut(GPT2LMHeadModel(config).eval(), LATENT, START, END, eos_token_id=0)
 
 
-def make_prompts(batch: int, question: int, thoughts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_prompts(batch: int, question: int, thoughts: int, markers: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of ``question`` random tokens and ``thoughts`` latent slots; with ``markers`` the slots sit
+    between the start and end markers, without (``latent_markers: false``) the prompt ends with them."""
     rng = np.random.default_rng(0)
-    rows = [rng.integers(1, 50000, size=question).tolist() + [START] + [LATENT] * thoughts + [END] for _ in range(batch)]
+    before, after = ([START], [END]) if markers else ([], [])
+    rows = [rng.integers(1, 50000, size=question).tolist() + before + [LATENT] * thoughts + after for _ in range(batch)]
     return torch.tensor(rows), torch.ones(batch, len(rows[0]), dtype=torch.long)
 
 
@@ -81,17 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-markers", action="store_true",
+                        help="prompts end with their latent slots (latent_markers: false, as the chain task)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = make_model(args.layers, args.width).to(device)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
           f"GPT-2 {args.layers}x{args.width}, {args.thoughts} thoughts, {args.question}-token questions, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}" + (", no latent markers" if args.no_markers else ""))
     print(f"{'batch':>6} {'passes':<10} {'no exit':>10} {'half stop':>10} {'all stop':>10} {'saved':>9} {'ideal':>9} {'saved/ideal':>12}")
     with torch.no_grad():
         for batch in sorted({1, args.batch}):
-            ids, mask = (t.to(device) for t in make_prompts(batch, args.question, args.thoughts))
+            ids, mask = (t.to(device) for t in make_prompts(batch, args.question, args.thoughts, not args.no_markers))
             half = torch.arange(batch, device=device) % 2 == 0 if batch > 1 else torch.ones(1, dtype=torch.bool, device=device)
             share = float(half.float().mean())
             none, everyone = torch.zeros_like(half), torch.ones_like(half)
@@ -100,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                      for name, stop in (("none", none), ("half", half), ("all", everyone))}
                 saved, ideal = t["none"] - t["half"], share * (t["none"] - t["all"])
                 label = "masked" if lockstep else "compacted"
-                print(f"{batch:>6} {label:<10} {1000 * t['none']:>8.0f}ms {1000 * t['half']:>8.0f}ms {1000 * t['all']:>8.0f}ms "
-                      f"{1000 * saved:>7.0f}ms {1000 * ideal:>7.0f}ms {saved / ideal if ideal > 0 else float('nan'):>12.2f}")
+                print(f"{batch:>6} {label:<10} {1000 * t['none']:>8.1f}ms {1000 * t['half']:>8.1f}ms {1000 * t['all']:>8.1f}ms "
+                      f"{1000 * saved:>7.1f}ms {1000 * ideal:>7.1f}ms {saved / ideal if ideal > 0 else float('nan'):>12.2f}")
     print("Times are the prompt's passes (thoughts + the rest of the prompt); decoding is the same for both. half stop: "
           "every other row stops after its first thought (batch 1: the one row does); ideal = that share x (no exit - all "
           "stop). masked: every row stays in every pass (FSDP lockstep generation, and all generation before compaction).")

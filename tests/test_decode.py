@@ -146,3 +146,21 @@ def test_merging_row_groups_with_decode_room_fills_preallocated_buffers_once(arc
         assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
     assert _preallocate(roomy, 4) is roomy  # nothing left to copy
     assert roomy.get_seq_length() == 3
+
+
+@pytest.mark.parametrize("decode_room", [None, 4])
+def test_merging_a_shorter_row_group_fills_its_missing_positions_with_zeros(decode_room):
+    """Rows that left the latent passes before their masked tail bring a shorter cache: the merge keeps
+    their prefix and zeros the rest (uninitialised memory there could hold NaN, which a mask does not hide
+    from the attention's weighted sum)."""
+    base = MODEL_FACTORIES["llama"]()
+    long, short = DynamicCache(config=base.config), DynamicCache(config=base.config)
+    base(input_ids=torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]]), use_cache=True, **{_cache_keyword(base): long})
+    base(input_ids=torch.tensor([[11, 12]]), use_cache=True, **{_cache_keyword(base): short})
+    merged = _merge_rows([(torch.tensor([0, 2]), long), (torch.tensor([1]), short)], 3, base.config,
+                         decode_room=decode_room, length=4)
+    assert merged.get_seq_length() == 4
+    for layer, full, part in zip(merged.layers, long.layers, short.layers):
+        assert torch.equal(layer.keys[[0, 2]], full.keys) and torch.equal(layer.values[[0, 2]], full.values)
+        assert torch.equal(layer.keys[1, :, :2], part.keys[0]) and torch.equal(layer.values[1, :, :2], part.values[0])
+        assert not layer.keys[1, :, 2:].any() and not layer.values[1, :, 2:].any()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from noblankslate.demo import DemoData, run_demo
@@ -20,7 +21,12 @@ def test_demo_pipeline_writes_its_table_and_plots(tmp_path, capsys):
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
     rows = run_demo(tmp_path / "out", tmp_path / "demo.yaml", DemoData(train_examples=40, valid_examples=10))
     assert [row["method"] for row in rows] == ["stage 0 = written chain (epoch 1)", "Coconut (stage 1, epoch 2)",
-                                               "Coconut + memory (nudge)", "Coconut + memory (nudge + exit)"]
+                                               "Coconut + memory (nudge)", "Coconut + memory (nudge + exit)",
+                                               "control: thoughts replaced (alpha 1)"]
+    for row in rows[2:]:  # each memory row paired with Coconut on the same 10 items
+        paired = row["paired_vs_coconut"]
+        assert paired["difference"] == (paired["only_first"] - paired["only_second"]) / 10
+        assert row["accuracy"] - rows[1]["accuracy"] == pytest.approx(paired["difference"])
     run_dir = tmp_path / "out" / "demo"
     assert json.loads((tmp_path / "out" / "demo_table.json").read_text()) == rows
     assert (run_dir / "curves.png").is_file() and (run_dir / "retrieval.png").is_file()
@@ -32,3 +38,4 @@ def test_demo_pipeline_writes_its_table_and_plots(tmp_path, capsys):
     assert not {e["question"] for e in train} & {e["question"] for e in valid}
     out = capsys.readouterr().out
     assert "Coconut + memory (nudge + exit)" in out and "demo finished" in out
+    assert "vs Coconut: b/c, p" in out and "control: thoughts replaced (alpha 1)" in out

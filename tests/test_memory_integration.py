@@ -153,6 +153,21 @@ def test_paired_metrics_count_flips_and_false_exits_exactly():
         retrieval_metrics(off, full, _eval(on.predictions[:3]), {}, {}, 1, 2)
 
 
+def test_the_replacement_control_counts_changed_answers_and_pairs_with_the_plain_run():
+    from noblankslate.memory.evaluation import replacement_control
+
+    rec = lambda i, correct, prediction: {"idx": i, "correct": correct, "prediction": prediction,
+                                          "generated_tokens": len(prediction), "forward_passes": 9 + i}
+    off = _eval([rec(0, True, "a"), rec(1, False, "b"), rec(2, True, "c"), rec(3, False, "d")])
+    # item 0 lost, item 1 gained, item 3 wrong in another way, item 2 unchanged; listed out of order
+    replaced = _eval([rec(3, False, "e"), rec(1, True, "x"), rec(0, False, "y"), rec(2, True, "c")])
+    control = replacement_control(off, replaced)
+    assert control["changed_answers"] == 3 and control["accuracy"] == 0.5
+    assert control["mean_forward_passes"] == 10.5 and control["mean_generated_tokens"] == 1.0
+    paired = control["paired_vs_off"]
+    assert (paired["only_first"], paired["only_second"], paired["n"]) == (1, 1, 4)
+
+
 def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path, tiny_data):
     index = tmp_path / "index" / "faiss_index.bin"
     raw = tiny_config(tmp_path, tiny_data, num_epochs=3, retrieval={"enabled": True, "correct_only": False, "key_dim": 8},
@@ -177,6 +192,10 @@ def test_training_with_retrieval_writes_metrics_and_rebuilds_the_index(tmp_path,
         by_thought = calibration["by_thought"]  # every item has every thought: 12 samples at each
         assert [t["thought"] for t in by_thought] == list(range(1, epoch)) and {t["samples"] for t in by_thought} == {12}
         assert by_thought[-1]["event_rate"] == m["accuracy"]["without_retrieval"]  # the last thought: the plain answer
+        control = m["control_full_replacement"]  # paired with the same plain run
+        assert control["paired_vs_off"]["n"] == 12
+        assert control["paired_vs_off"]["second_correct"] / 12 == m["accuracy"]["without_retrieval"]
+        assert 0 <= control["changed_answers"] <= 12
     parts = load_memory(index)
     assert parts.store.info["build"]["epoch"] == 3  # rebuilt at the end of the last epoch
     m3 = json.loads((run_dir / "retrieval_metrics_epoch_3.json").read_text())
@@ -346,6 +365,20 @@ def test_memory_sweep_tunes_on_training_data_and_reports_controls_on_validation(
     assert result["memory_build"]["examples"] == 48 and result["memory_build"]["held_out"] == 0  # nothing carved out
     done = subprocess.run([*base, "--tune-path", str(tiny_data[1])], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "12 of its questions" in done.stderr and "--tune-path" in done.stderr
+
+    # the exit-score study on the same model and files: every variant tuned on the tuning file, reported on valid
+    study = Path(__file__).resolve().parents[1] / "tools" / "exit_score_study.py"
+    study_out = tmp_path / "study.json"
+    done = subprocess.run([sys.executable, str(study), str(config_file), "--checkpoint",
+                           str(tmp_path / "runs" / "tiny" / "checkpoint_3"), "--tune-path", str(tmp_path / "tune.json"),
+                           "--threads", "1", "--out", str(study_out), f"retrieval.calibrate_from={tmp_path / 'calib.json'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(study_out.read_text())
+    assert result["items"] == {"build": 48, "calibration": 6, "tune": 10, "valid": 12}
+    assert len(result["variants"]) == 18 and {v["chosen_on"] for v in result["variants"]} == {"tune"}
+    assert all(v["valid"]["paired_vs_plain"]["n"] == 12 for v in result["variants"])
+    assert "the oracle saves" in done.stdout and done.stdout.count("\nright ") == 9
 
 
 def test_threshold_curve_on_a_hand_made_case():

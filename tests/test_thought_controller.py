@@ -106,16 +106,76 @@ def test_rows_that_stop_leave_the_remaining_passes(setup):
     finally:
         handle.remove()
     prompt_calls = calls[: len(calls) - 2]  # the last two calls are decoding steps, all 5 rows
-    # the prefix (5 rows, 7 columns); pass 0: rows 0 and 2 feed their only thought and leave, the rest of
-    # their prompt (4 skipped slots and the end marker) runs once; the three others feed thought 0; thoughts
-    # 1 and 2 on those three rows; their last thought runs with the end marker
-    assert prompt_calls == [(5, 7), (2, 5), (3, 1), (3, 1), (3, 1), (3, 2)]
+    # the prefix (5 rows, 7 columns); pass 0: all 5 feed thought 0, and rows 0 and 2 leave (their skipped
+    # slots are masked: never computed); thoughts 1 and 2 on the three others; their last thought runs with
+    # the end marker, and rows 0 and 2 join that call for their end marker: no call of their own
+    assert prompt_calls == [(5, 7), (5, 1), (3, 1), (3, 1), (5, 2)]
     assert calls[-2:] == [(5, 1), (5, 1)]
     assert out.thoughts_used.tolist() == [1, 4, 1, 4, 4]
     for b, row in enumerate(rows):
         used = int(out.thoughts_used[b])
         alone = model.generate(torch.tensor([row[:7] + row[7 : 7 + used] + row[11:]]), max_new_tokens=3)
         assert out.sequences()[b] == alone.sequences()[0]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_without_markers_rows_that_stop_ride_the_pass_of_the_rows_that_go_on(setup, side):
+    """``latent_markers: false``: after a row's last used slot its prompt holds only masked columns (skipped
+    slots, padding), so it feeds its last thought in the same call as the rows that go on thinking, and
+    stopping costs no transformer call of its own."""
+    from test_generate import WORDS
+
+    model, _ = setup
+    rng = random.Random(5)
+    shapes = [(6, 4), (6, 4), (6, 4), (6, 4), (6, 2)]  # (question length, latent count)
+    rows = [[rng.choice(WORDS) for _ in range(q)] + [LATENT] * n for q, n in shapes]
+    ids, mask = pad(rows, side)
+    calls, handle = _record_calls(model)
+    try:
+        out = model.generate(ids, mask, max_new_tokens=3, controller=StopAfter([1, -1, 1, -1, -1]))
+        plain = model.generate(ids, mask, max_new_tokens=3)
+    finally:
+        handle.remove()
+    exit_calls, plain_calls = calls[: len(calls) // 2], calls[len(calls) // 2 :]
+    # the prefix; pass 0: rows 0 and 2 feed their only thought beside the three that go on; pass 1: row 4
+    # (2 thoughts, padding after them on the right) feeds its last beside rows 1 and 3; passes 2 and 3:
+    # rows 1 and 3 only, the last of them with nothing after it; then two decoding steps of all 5 rows
+    assert exit_calls == [(5, 6), (5, 1), (3, 1), (2, 1), (2, 1), (5, 1), (5, 1)]
+    assert len(exit_calls) == len(plain_calls)  # the exit added no call
+    assert plain.thoughts_used.tolist() == [4, 4, 4, 4, 2]
+    assert out.thoughts_used.tolist() == [1, 4, 1, 4, 2]
+    for b, ((q, n), row) in enumerate(zip(shapes, rows)):
+        used = int(out.thoughts_used[b])
+        alone = model.generate(torch.tensor([row[: q + used]]), max_new_tokens=3)
+        assert out.sequences()[b] == alone.sequences()[0], f"row {b}"
+        assert out.forward_passes[b] == alone.forward_passes[0]
+
+
+def test_a_row_whose_prompt_goes_on_before_the_last_pass_gets_a_call_for_its_rest(setup):
+    """Latent counts 1, 4, 2, 4 with end markers: the 1- and 2-thought rows have their end marker (and, left
+    padded, nothing after) before the last pass's column, so each runs its rest from that marker on, in a
+    call of its own; every row still equals itself alone."""
+    model, _ = setup
+    rng = random.Random(6)
+    shapes = [(6, 1), (6, 4), (6, 2), (6, 4)]
+    rows = [prompt(rng, q, n) for q, n in shapes]
+    ids, mask = pad(rows, "right")
+    calls, handle = _record_calls(model)
+    try:
+        out = model.generate(ids, mask, max_new_tokens=3, controller=StopAfter([-1, -1, -1, 3]))
+    finally:
+        handle.remove()
+    # prefix; pass 0 (all 4); pass 1 (rows 1-3; row 2's last); pass 2 (rows 1 and 3; row 3 stops after it);
+    # rows 0 and 2 from their end marker on (row 0: 4 columns, row 2: 3); then the last pass with row 1's
+    # end marker, which row 3 joins (its end marker is after the last column)
+    prompt_calls = calls[: len(calls) - 2]
+    assert sorted(prompt_calls) == sorted([(4, 7), (4, 1), (3, 1), (2, 1), (1, 4), (1, 3), (2, 2)])
+    assert out.thoughts_used.tolist() == [1, 4, 2, 3]
+    for b, ((q, n), row) in enumerate(zip(shapes, rows)):
+        used = int(out.thoughts_used[b])
+        alone = model.generate(torch.tensor([row[: q + 1 + used] + row[q + 1 + n :]]), max_new_tokens=3)
+        assert out.sequences()[b] == alone.sequences()[0], f"row {b}"
+        assert out.forward_passes[b] == alone.forward_passes[0]
 
 
 def test_compacted_passes_equal_the_masked_lockstep_passes(setup):

@@ -68,18 +68,38 @@ def demo_table(results: list[EpochResult]) -> list[dict]:
     rows.append({"method": f"Coconut (stage {last.stage}, epoch {last.epoch})", "accuracy": e.accuracy,
                  "mean_generated_tokens": e.mean_generated_tokens, "mean_forward_passes": e.mean_forward_passes})
     if last.retrieval is not None:
-        for key, name in (("full", "Coconut + memory (nudge)"), ("on", "Coconut + memory (nudge + exit)")):
-            run = last.retrieval["runs"][key]
+        m = last.retrieval
+        for key, paired, name in (("full", "nudge_only_vs_off", "Coconut + memory (nudge)"),
+                                  ("on", "memory_vs_off", "Coconut + memory (nudge + exit)")):
+            run = m["runs"][key]
             rows.append({"method": name, "accuracy": run["accuracy"], "mean_generated_tokens": run["mean_generated_tokens"],
-                         "mean_forward_passes": run["mean_forward_passes"]})
+                         "mean_forward_passes": run["mean_forward_passes"], "paired_vs_coconut": _discordant(m["paired"][paired])})
+        control = m.get("control_full_replacement")
+        if control is not None:
+            # whether the model uses its thoughts at all: what bounds any nudge (docs/memory.md, controls)
+            rows.append({"method": "control: thoughts replaced (alpha 1)", "accuracy": control["accuracy"],
+                         "mean_generated_tokens": control["mean_generated_tokens"],
+                         "mean_forward_passes": control["mean_forward_passes"],
+                         "paired_vs_coconut": _discordant(control["paired_vs_off"])})
     return rows
 
 
+def _discordant(paired: dict | None) -> dict | None:
+    """What the table prints of a paired comparison: b, c, the difference and the exact McNemar p."""
+    return None if paired is None else {k: paired[k] for k in ("only_first", "only_second", "difference", "p_value")}
+
+
 def format_table(rows: list[dict]) -> str:
-    header = f"{'method':<36}{'accuracy':>10}{'tokens':>9}{'passes':>9}"
+    """The table; a memory row also says how it differs from Coconut on the same items: b items right only
+    with the memory, c only without, and the exact McNemar p-value."""
+    header = f"{'method':<38}{'accuracy':>10}{'tokens':>9}{'passes':>9}   vs Coconut: b/c, p"
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['method']:<36}{row['accuracy']:>10.4f}{row['mean_generated_tokens']:>9.2f}{row['mean_forward_passes']:>9.2f}")
+        line = f"{row['method']:<38}{row['accuracy']:>10.4f}{row['mean_generated_tokens']:>9.2f}{row['mean_forward_passes']:>9.2f}"
+        paired = row.get("paired_vs_coconut")
+        if paired:
+            line += f"   {paired['only_first']}/{paired['only_second']}, p = {paired['p_value']:.3g}"
+        lines.append(line)
     return "\n".join(lines)
 
 

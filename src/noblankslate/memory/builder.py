@@ -217,14 +217,17 @@ class Answered:
     """example idx -> its full-length prediction (with ``thoughts``, (n, D), and ``correct``)"""
     correct_at: dict[int, list[bool]]
     """example idx -> [right with 1, 2, ..., n thoughts] (the last entry is the full-length answer)"""
+    answers_at: dict[int, list[str]] | None = None
+    """example idx -> [the predicted answer with 1, 2, ..., n thoughts], when generated (:meth:`of`)"""
 
     @staticmethod
     def of(full: list[dict], shorter: list[list[dict]]) -> Answered:
         by_idx = {r["idx"]: r for r in full}
-        shorter_correct = [{p["idx"]: p["correct"] for p in preds} for preds in shorter]  # j = 1..T-1
-        correct_at = {i: [per_j[i] for per_j in shorter_correct][: len(by_idx[i]["thoughts"]) - 1]
-                      + [by_idx[i]["correct"]] for i in by_idx}
-        return Answered(by_idx, correct_at)
+        shorter_by_idx = [{p["idx"]: p for p in preds} for preds in shorter]  # j = 1..T-1
+
+        def at(i: int, key: str) -> list:
+            return [per_j[i][key] for per_j in shorter_by_idx][: len(by_idx[i]["thoughts"]) - 1] + [by_idx[i][key]]
+        return Answered(by_idx, {i: at(i, "correct") for i in by_idx}, {i: at(i, "prediction") for i in by_idx})
 
     def thoughts(self, i: int) -> np.ndarray:
         return self.by_idx[i]["thoughts"]  # (n, D)
@@ -244,6 +247,33 @@ class Answered:
         return features, labels, steps
 
 
+def answer_with_fewer_thoughts(model: Coconut, setup: RunSetup, examples: list, prompts: list[dict],
+                               context: DistributedContext, *, batch_size: int, lockstep: bool = False,
+                               most: int | None = None) -> Answered:
+    """Every prompt generated with all its thoughts (keeping them) and with 1 .. ``most`` - 1 of them (``most``:
+    the largest latent count of ``prompts``): what the exit probe's samples and labels are read from."""
+    config = setup.config
+    if most is None:
+        most = max((f["input_ids"].count(setup.spec.latent_id) for f in prompts), default=0)
+    generate = lambda features, keep: evaluate_generation(
+        model, setup.tokenizer, examples, features, setup.collate, batch_size=batch_size,
+        max_new_tokens=config.resolved_max_new_tokens, context=context, lockstep=lockstep, keep_thoughts=keep,
+        step_separator=config.step_separator)
+    full = generate(prompts, True).predictions
+    shorter = [generate([with_thoughts(f, j, setup.spec.latent_id) for f in prompts], False).predictions
+               for j in range(1, most)]
+    return Answered.of(full, shorter)
+
+
+def build_selection(setup: RunSetup) -> list:
+    """The tokenized memory examples a build generates: ``retrieval.build_limit`` of them drawn with the
+    run's seed (all when unset), in their file order."""
+    order = np.random.default_rng(setup.config.seed).permutation(len(setup.memory_tokens))
+    if setup.config.retrieval.build_limit is not None:
+        order = order[: setup.config.retrieval.build_limit]
+    return [setup.memory_tokens[i] for i in sorted(order)]
+
+
 def build_memory(
     model: Coconut,
     setup: RunSetup,
@@ -261,16 +291,13 @@ def build_memory(
         setup: the run (config, tokenizer, curriculum spec, collator, ``memory_examples`` and their tokens).
         key_head: a learned key map (contrastive training); otherwise PCA to ``retrieval.key_dim``.
     """
-    config, tokenizer, spec, collate = setup.config, setup.tokenizer, setup.spec, setup.collate
-    examples, tokenized = setup.memory_examples, setup.memory_tokens
+    config, spec = setup.config, setup.spec
+    examples = setup.memory_examples
     started = time.perf_counter()
     retrieval = config.retrieval
     path = Path(config.index.path)
     stage = config.max_latent_stage + 1
-    order = np.random.default_rng(config.seed).permutation(len(tokenized))
-    if retrieval.build_limit is not None:
-        order = order[: retrieval.build_limit]
-    chosen = [tokenized[i] for i in sorted(order)]
+    chosen = build_selection(setup)
     if not chosen:
         raise ConfigError("the memory has no examples to be built from: retrieval.enabled is false (so none were "
                           "loaded), or retrieval.build_from / train_path is empty")
@@ -279,19 +306,9 @@ def build_memory(
     if max_thoughts == 0:
         raise ConfigError("the memory stores thought trajectories, but the final stage has no thoughts "
                          "(max_latent_stage * c_thought is 0)")
-    batch_size = retrieval.build_batch_size
-
-    def answered(examples_: list, prompts_: list[dict]) -> Answered:
-        """Every prompt with all its thoughts (keeping them) and with 1 .. max_thoughts - 1 of them."""
-        generate = lambda features, keep: evaluate_generation(
-            model, tokenizer, examples_, features, collate, batch_size=batch_size,
-            max_new_tokens=config.resolved_max_new_tokens, context=context, lockstep=lockstep, keep_thoughts=keep,
-            step_separator=config.step_separator)
-        full = generate(prompts_, True).predictions
-        shorter = [generate([with_thoughts(f, j, spec.latent_id) for f in prompts_], False).predictions
-                   for j in range(1, max_thoughts)]
-        return Answered.of(full, shorter)
-
+    answered = lambda examples_, prompts_: answer_with_fewer_thoughts(
+        model, setup, examples_, prompts_, context, batch_size=retrieval.build_batch_size, lockstep=lockstep,
+        most=max_thoughts)
     build = answered(examples, prompts)
     calibration = None
     if setup.calibration_tokens:  # retrieval.calibrate_from: examples new to the model

@@ -3,8 +3,9 @@
 One plain function, called by the training loop at one point of each epoch (and usable by any entry
 point that has a model and its run setup): it rebuilds the memory from the training data, generates the
 validation set with the memory (nudge only, then nudge and exit), paired with the plain run the caller
-already made, and measures how well the thresholded exit score predicts its event on validation. It
-returns the metrics (also written as ``retrieval_metrics_epoch_{E}.json`` when asked) and its timings.
+already made, runs the control that says whether the model uses its thoughts at all (every hit's thoughts
+replaced by its neighbours'), and measures how well the thresholded exit score predicts its event on
+validation. It returns the metrics (also written as ``retrieval_metrics_epoch_{E}.json`` when asked) and its timings.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from noblankslate.eval.metrics import (
     expected_calibration_error,
     reliability_table,
 )
+from noblankslate.eval.paired import paired_comparison
 from noblankslate.eval.setup import RunSetup
 from noblankslate.files import write_text_atomic
 from noblankslate.memory.builder import LinearKeyMap, build_memory, with_thoughts
 from noblankslate.memory.controller import MemoryParts
+from noblankslate.memory.controls import full_replacement
 from noblankslate.memory.gate import MemoryGate, memory_controller, nudge_kind
 from noblankslate.memory.metrics import METRICS_FILE, retrieval_metrics
 from noblankslate.model.coconut import Coconut
@@ -97,23 +100,44 @@ def calibration_by_thought(per_item: list[tuple[np.ndarray, list[bool]]]) -> lis
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 
 
-def threshold_curve(per_item: list[tuple[np.ndarray, list[bool]]]) -> list[dict[str, Any]]:
+def exit_step(score: np.ndarray, threshold: float | None) -> int:
+    """The index of the thought after which a row stops: the first (before the last) whose score reaches
+    ``threshold``, else the last; None never stops early."""
+    last = len(score) - 1
+    return next((j for j in range(last) if threshold is not None and score[j] >= threshold), last)
+
+
+def threshold_curve(per_item: list[tuple[np.ndarray, list[bool]]],
+                    thresholds: tuple[float, ...] = THRESHOLDS) -> list[dict[str, Any]]:
     """Accuracy and thoughts used as the exit threshold moves, from each item's per-thought probe scores
     and its correctness after each number of thoughts (the probe's exit on the plain model, memory off).
 
     The last point (threshold None) is fixed-length Coconut: every thought is used.
     """
     curve = []
-    for threshold in (*THRESHOLDS, None):
-        right, used = [], []
-        for score, correct in per_item:
-            n = len(correct)
-            stop = next((j for j in range(n - 1) if threshold is not None and score[j] >= threshold), n - 1)
-            right.append(correct[stop])
-            used.append(stop + 1)
-        curve.append({"threshold": threshold, "accuracy": float(np.mean(right)), "mean_thoughts": float(np.mean(used)),
-                      "exit_rate": float(np.mean([u < len(c) for u, (_, c) in zip(used, per_item)]))})
+    for threshold in (*thresholds, None):
+        stops = [exit_step(score, threshold) for score, _ in per_item]
+        right = [correct[stop] for stop, (_, correct) in zip(stops, per_item)]
+        curve.append({"threshold": threshold, "accuracy": float(np.mean(right)),
+                      "mean_thoughts": float(np.mean(stops)) + 1,
+                      "exit_rate": float(np.mean([stop + 1 < len(c) for stop, (_, c) in zip(stops, per_item)]))})
     return curve
+
+
+def replacement_control(off: GenerationEval, replaced: GenerationEval) -> dict[str, Any]:
+    """The plain run against the run whose every hit had its thoughts replaced by its neighbours', paired."""
+    plain = {r["idx"]: r for r in off.predictions}
+    other = {r["idx"]: r for r in replaced.predictions}
+    items = sorted(plain)
+    paired = (paired_comparison([bool(other[i]["correct"]) for i in items], [bool(plain[i]["correct"]) for i in items])
+              if items else None)
+    return {"what": "every hit's thoughts replaced by its neighbours' mean (alpha 1, no norm matching); few "
+                    "changed answers mean the model hardly uses its thoughts, which bounds what any nudge can do",
+            "accuracy": paired.first_correct / paired.n if paired else 0.0,
+            "mean_generated_tokens": float(np.mean([other[i]["generated_tokens"] for i in items])) if items else 0.0,
+            "mean_forward_passes": float(np.mean([other[i]["forward_passes"] for i in items])) if items else 0.0,
+            "changed_answers": sum(other[i]["prediction"] != plain[i]["prediction"] for i in items),
+            "paired_vs_off": paired.to_dict() if paired else None}
 
 
 def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext, *, epoch: int, stage: int,
@@ -164,6 +188,13 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
         seconds[name] = time.perf_counter() - started
         if name == "on":
             seconds["memory"] = controller.seconds
+    # The control: a model whose answers survive losing its own thoughts gives a nudge nothing to change.
+    replaced_parts, replaced_nudge = full_replacement(built.parts, config.nudge)  # alpha 1: no gate's choice
+    control = memory_controller(replaced_parts, config.retrieval, replaced_nudge, None, exit_enabled=False)
+    control.count_retrievals = False  # the entries' `retrieved` counters count the memory's real use only
+    started = time.perf_counter()
+    replaced = generate(prompts, controller=control)
+    seconds["control"] = time.perf_counter() - started
     started = time.perf_counter()
     exit_scores = exit_calibration(model, setup, built.parts, stage, generate) if config.nudge.exit_metric == "probe" \
         else {"metric": config.nudge.exit_metric, "available": False,
@@ -180,6 +211,7 @@ def evaluate_memory(model: Coconut, setup: RunSetup, context: DistributedContext
                                 seconds, epoch, stage)
     metrics["nudge"]["kind"] = kind
     metrics["exit_calibration"] = exit_scores
+    metrics["control_full_replacement"] = replacement_control(off, replaced)
     if metrics_dir is not None and not config.debug:
         path = Path(metrics_dir) / METRICS_FILE.format(epoch=epoch)
         write_text_atomic(path, json.dumps(metrics, indent=1))

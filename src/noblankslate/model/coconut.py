@@ -313,17 +313,22 @@ class Coconut(nn.Module):
         """Generation's latent passes, each run only on the rows that still have a thought to feed.
 
         The same computation as :meth:`_latent_passes` row by row, but a row leaves the serial passes as
-        soon as it has fed its last thought (its latent count is reached, or the controller stopped it):
-        the rest of its prompt runs once, in one call with the other rows that leave at that pass, and the
-        later thought passes process the remaining rows only, with their KV cache rows compacted. So an
-        early exit saves the compute of the passes it skips instead of masking them. The per-group caches
-        are merged back into one cache of every row for the batched decoding; with ``decode_room`` the
+        soon as it has fed its last thought (its latent count is reached, or the controller stopped it): it
+        feeds that thought in the pass's one-token call with the others, and the later thought passes run
+        on the remaining rows only, with their KV cache rows compacted. What a row still has of its prompt
+        after its last thought runs at the end, in one call with the rows of the last pass wherever the
+        columns line up (every row whose prompt has nothing real between its last thought and the last
+        pass's column: the usual case, equal latent counts). A stopped row's skipped slots are masked, so
+        they are never computed: its cache holds zeros there, which the mask hides. So an early exit adds
+        no transformer call in the usual case and saves the compute of every pass it skips. The per-group
+        caches are merged into one cache of every row for the batched decoding; with ``decode_room`` the
         merge writes them straight into buffers with that many free positions per row (see
         :func:`_preallocate`), so the cache is copied once, not merged and then copied again.
 
         Every row still computes exactly what it computes alone; the transformer calls are not the same
-        in number as :meth:`_latent_passes` (a pass where rows leave makes two calls, one narrow, one
-        short), so FSDP lockstep generation uses that method instead.
+        as :meth:`_latent_passes`'s (narrower passes, and a row whose prompt goes on between its last
+        thought and the last pass's column has a call of its own for the rest), so FSDP lockstep
+        generation uses that method instead.
         """
         batch, length, width = embeds.shape
         start = layout.start
@@ -333,14 +338,14 @@ class Coconut(nn.Module):
             if decode_room is not None:
                 cache = _preallocate(cache, decode_room)
             return PassResult(hidden, embeds[:, :0], cache, layout.counts, 1)
-        device = embeds.device
+        device, config = embeds.device, self.base_causallm.config
         counts = layout.counts
         hidden = embeds.new_zeros(batch, length, width)  # (B, L, D)
         fed = embeds[:, start : start + layout.max_count].clone()  # (B, n, D): thoughts where fed
         used = torch.zeros_like(counts)
-        finished: list[tuple[Tensor, DynamicCache]] = []  # (rows, cache over all L columns)
+        left: list[tuple[Tensor, DynamicCache, int]] = []  # (rows, cache through column c, c): rows that left
         rows = torch.arange(batch, device=device)  # rows still in the serial passes
-        cache = DynamicCache(config=self.base_causallm.config)
+        cache = DynamicCache(config=config)
         out = self._backbone(embeds[:, :start], attention_mask[:, :start], position_ids[:, :start], cache)
         hidden[:, :start] = out
         forwards = 1
@@ -367,26 +372,47 @@ class Coconut(nn.Module):
                 column_input = torch.where(feeding[:, None], thought, column_input)
                 fed[rows[feeding], i] = column_input[feeding]
                 used[rows[feeding]] += 1
-            leaving = ~continuing
-            if bool(leaving.any()):
-                # Their last thought (or none) is at `column`; the rest of their prompt runs now, once.
-                group = rows[leaving]
-                group_cache = cache if bool(leaving.all()) else _select_rows(cache, leaving, self.base_causallm.config)
-                rest = torch.cat([column_input[leaving][:, None], embeds[group, column + 1 :]], dim=1)
-                rest_out = self._backbone(rest, attention_mask[group], position_ids[group, column:], group_cache)
-                hidden[group, column:] = rest_out
-                finished.append((group, group_cache))
-                forwards += 1
             if not bool(continuing.any()):
-                break
-            if bool(leaving.any()):
-                cache = _select_rows(cache, continuing, self.base_causallm.config)
-                rows, column_input = rows[continuing], column_input[continuing]
+                break  # the last pass: its column runs with the rest of the prompt, below
             out = self._backbone(column_input[:, None], attention_mask[rows, : column + 1],
                                  position_ids[rows, column : column + 1], cache)
             hidden[rows, column] = out[:, 0]
             forwards += 1
-        merged = _merge_rows(finished, batch, self.base_causallm.config, decode_room)
+            leaving = ~continuing
+            if bool(leaving.any()):
+                left.append((rows[leaving], _select_rows(cache, leaving, config), column))
+                cache = _select_rows(cache, continuing, config)
+                rows, out = rows[continuing], out[continuing]
+        last_column = column
+        groups: list[tuple[Tensor, DynamicCache]] = []  # every row's cache through the prompt, merged at the end
+        # Rows that left earlier: nothing real after their last thought (done); nothing real before the last
+        # column but more after it (they join the last call, fed their own masked column there); or prompt
+        # left before it (a call from their first real column on, one per such column).
+        joining, own_tail = [], {}
+        for group, group_cache, at in left:
+            real = attention_mask[group, at + 1 :].bool()  # (g, L - at - 1)
+            first = torch.where(real.any(dim=1), at + 1 + real.int().argmax(dim=1), length)  # (g,)
+            done, joins = first == length, (first > last_column) & (first < length)
+            if bool(done.any()):
+                groups.append((group[done], _select_rows(group_cache, done, config)))
+            if bool(joins.any()):
+                joining.append((group[joins], _select_rows(group_cache, joins, config)))
+            for f in torch.unique(first[~done & ~joins]).tolist():
+                own_tail.setdefault(f, []).append((group[first == f], _select_rows(group_cache, first == f, config)))
+        tails = [(last_column, [(rows, cache)] + joining, column_input)] + [(f, g, None) for f, g in sorted(own_tail.items())]
+        for begin, members, first_input in tails:
+            tail_rows = torch.cat([r for r, _ in members])
+            local = torch.empty(batch, dtype=torch.long, device=device)
+            local[tail_rows] = torch.arange(len(tail_rows), device=device)
+            tail_cache = _merge_rows([(local[r], c) for r, c in members], len(tail_rows), config, length=begin)
+            tail_input = embeds[tail_rows, begin:].clone()
+            if first_input is not None:  # the last pass's rows feed their thought (or token) at its column
+                tail_input[: len(rows), 0] = first_input
+            hidden[tail_rows, begin:] = self._backbone(tail_input, attention_mask[tail_rows],
+                                                       position_ids[tail_rows, begin:], tail_cache)
+            forwards += 1
+            groups.append((tail_rows, tail_cache))
+        merged = _merge_rows(groups, batch, config, decode_room, length=length)
         return PassResult(hidden, fed, merged, used, forwards)
 
     @staticmethod
@@ -651,29 +677,42 @@ def _select_rows(cache: DynamicCache, keep: Tensor, config) -> DynamicCache:
     return DynamicCache(ddp_cache_data=[(layer.keys[keep], layer.values[keep]) for layer in cache.layers], config=config)
 
 
-def _merge_rows(groups: list[tuple[Tensor, DynamicCache]], batch: int, config, decode_room: int | None = None) -> Cache:
-    """One cache of ``batch`` rows from caches of disjoint row groups (equal lengths).
+def _merge_rows(groups: list[tuple[Tensor, DynamicCache]], batch: int, config, decode_room: int | None = None,
+                length: int | None = None) -> Cache:
+    """One cache of ``batch`` rows and ``length`` positions from caches of disjoint row groups.
 
-    With ``decode_room`` the rows go straight into preallocated layers with that many free positions
-    (what :func:`_preallocate` makes of the merged cache, without the second copy)."""
+    A group's cache may be shorter than ``length`` (rows that left the latent passes at a column after
+    which their prompt is all masked): its missing positions are zeros, which the attention mask hides
+    (zeros, not uninitialised memory, since a masked NaN would still poison the attention's sum). With
+    ``decode_room`` the rows go straight into preallocated layers with that many free positions (what
+    :func:`_preallocate` makes of the merged cache, without the second copy)."""
     first_rows, first_cache = groups[0]
-    if len(groups) == 1 and first_rows.numel() == batch and bool((first_rows == torch.arange(batch, device=first_rows.device)).all()):
+    full = max(cache.layers[0].keys.shape[-2] for _, cache in groups) if length is None else length
+    if (len(groups) == 1 and first_rows.numel() == batch and first_cache.layers[0].keys.shape[-2] == full
+            and bool((first_rows == torch.arange(batch, device=first_rows.device)).all())):
         return first_cache if decode_room is None else _preallocate(first_cache, decode_room)
     preallocated = decode_room is not None and all(
         type(layer) is DynamicLayer and layer.is_initialized for _, cache in groups for layer in cache.layers
     )
+    short = any(cache.layers[0].keys.shape[-2] < full for _, cache in groups)
     layers = []
     for layer in range(len(first_cache.layers)):
         first = first_cache.layers[layer]
+        shape = (batch, *first.keys.shape[1:-2], full, first.keys.shape[-1])
         if preallocated:
-            merged = _PreallocatedLayer(batch, first.keys, first.values, decode_room)
+            like = first.keys.new_empty(shape)
+            merged = _PreallocatedLayer(batch, like, first.values.new_empty(shape[:-1] + first.values.shape[-1:]), decode_room)
             keys, values = merged.keys, merged.values
         else:
-            keys = first.keys.new_empty((batch, *first.keys.shape[1:]))
-            values = first.values.new_empty((batch, *first.values.shape[1:]))
+            keys = first.keys.new_empty(shape)
+            values = first.values.new_empty(shape[:-1] + first.values.shape[-1:])
+        if short:
+            keys.zero_()
+            values.zero_()
         for rows, cache in groups:
-            keys[rows] = cache.layers[layer].keys
-            values[rows] = cache.layers[layer].values
+            filled = cache.layers[layer].keys.shape[-2]
+            keys[rows, ..., :filled, :] = cache.layers[layer].keys
+            values[rows, ..., :filled, :] = cache.layers[layer].values
         layers.append(merged if preallocated else (keys, values))
     if preallocated:
         return Cache(layers=layers)
