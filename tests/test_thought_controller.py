@@ -166,16 +166,34 @@ def test_a_row_whose_prompt_goes_on_before_the_last_pass_gets_a_call_for_its_res
     finally:
         handle.remove()
     # prefix; pass 0 (all 4); pass 1 (rows 1-3; row 2's last); pass 2 (rows 1 and 3; row 3 stops after it);
-    # rows 0 and 2 from their end marker on (row 0: 4 columns, row 2: 3); then the last pass with row 1's
-    # end marker, which row 3 joins (its end marker is after the last column)
+    # rows 0 and 2 their end marker each (padding after it is never computed); then the last pass with
+    # row 1's end marker, which row 3 joins (its end marker is after the last column)
     prompt_calls = calls[: len(calls) - 2]
-    assert sorted(prompt_calls) == sorted([(4, 7), (4, 1), (3, 1), (2, 1), (1, 4), (1, 3), (2, 2)])
+    assert sorted(prompt_calls) == sorted([(4, 7), (4, 1), (3, 1), (2, 1), (1, 1), (1, 1), (2, 2)])
     assert out.thoughts_used.tolist() == [1, 4, 2, 3]
     for b, ((q, n), row) in enumerate(zip(shapes, rows)):
         used = int(out.thoughts_used[b])
         alone = model.generate(torch.tensor([row[: q + 1 + used] + row[q + 1 + n :]]), max_new_tokens=3)
         assert out.sequences()[b] == alone.sequences()[0], f"row {b}"
         assert out.forward_passes[b] == alone.forward_passes[0]
+
+
+def test_when_every_row_stops_early_its_skipped_slots_are_not_computed(setup):
+    """Every row stops after its first of 4 thoughts: the last pass is not merged with the end marker (that
+    call would compute the 3 masked slots between them); the end markers run in one call of their own."""
+    model, _ = setup
+    rng = random.Random(8)
+    rows = [prompt(rng, 6, 4) for _ in range(5)]
+    ids, mask = pad(rows, "left")
+    calls, handle = _record_calls(model)
+    try:
+        out = model.generate(ids, mask, max_new_tokens=3, controller=StopAfter([1] * 5))
+    finally:
+        handle.remove()
+    assert calls[: len(calls) - 2] == [(5, 7), (5, 1), (5, 1)]  # prefix, thought 0, the end marker
+    for b, row in enumerate(rows):
+        alone = model.generate(torch.tensor([row[:8] + row[11:]]), max_new_tokens=3)
+        assert out.sequences()[b] == alone.sequences()[0], f"row {b}"
 
 
 def test_compacted_passes_equal_the_masked_lockstep_passes(setup):

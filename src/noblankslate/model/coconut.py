@@ -373,21 +373,29 @@ class Coconut(nn.Module):
                 fed[rows[feeding], i] = column_input[feeding]
                 used[rows[feeding]] += 1
             if not bool(continuing.any()):
-                break  # the last pass: its column runs with the rest of the prompt, below
+                after = attention_mask[rows, column + 1 :].bool()  # (b, L - column - 1)
+                if column + 1 == length or not bool((after.any(dim=1) & ~after[:, 0]).any()):
+                    break  # the last pass: its column runs with the rest of the prompt, below
             out = self._backbone(column_input[:, None], attention_mask[rows, : column + 1],
                                  position_ids[rows, column : column + 1], cache)
             hidden[rows, column] = out[:, 0]
             forwards += 1
             leaving = ~continuing
+            if not bool(continuing.any()):  # a last pass with masked slots after it: every row's rest comes below
+                left.append((rows, cache, column))
+                rows = rows[:0]
+                break
             if bool(leaving.any()):
                 left.append((rows[leaving], _select_rows(cache, leaving, config), column))
                 cache = _select_rows(cache, continuing, config)
                 rows, out = rows[continuing], out[continuing]
-        last_column = column
+        last_column = column if len(rows) else length  # length: no last call, nobody joins one
         groups: list[tuple[Tensor, DynamicCache]] = []  # every row's cache through the prompt, merged at the end
         # Rows that left earlier: nothing real after their last thought (done); nothing real before the last
         # column but more after it (they join the last call, fed their own masked column there); or prompt
-        # left before it (a call from their first real column on, one per such column).
+        # left before it (a call from their first real column on, one per such column). A last pass whose
+        # rows have masked slots after their thought (every row stopped early) is not merged with the rest,
+        # which would compute those slots: it ran alone above, and its rows are among these.
         joining, own_tail = [], {}
         for group, group_cache, at in left:
             real = attention_mask[group, at + 1 :].bool()  # (g, L - at - 1)
@@ -399,17 +407,22 @@ class Coconut(nn.Module):
                 joining.append((group[joins], _select_rows(group_cache, joins, config)))
             for f in torch.unique(first[~done & ~joins]).tolist():
                 own_tail.setdefault(f, []).append((group[first == f], _select_rows(group_cache, first == f, config)))
-        tails = [(last_column, [(rows, cache)] + joining, column_input)] + [(f, g, None) for f, g in sorted(own_tail.items())]
+        tails = [(f, g, None) for f, g in sorted(own_tail.items())]
+        if len(rows):
+            tails.insert(0, (last_column, [(rows, cache)] + joining, column_input))
         for begin, members, first_input in tails:
             tail_rows = torch.cat([r for r, _ in members])
             local = torch.empty(batch, dtype=torch.long, device=device)
             local[tail_rows] = torch.arange(len(tail_rows), device=device)
             tail_cache = _merge_rows([(local[r], c) for r, c in members], len(tail_rows), config, length=begin)
-            tail_input = embeds[tail_rows, begin:].clone()
+            # up to the members' last real column: what follows it is masked (padding, skipped slots) for all
+            real = attention_mask[tail_rows, begin:].bool()  # (t, L - begin)
+            end = begin + max(int((real * torch.arange(1, real.shape[1] + 1, device=device)).max()), 1)
+            tail_input = embeds[tail_rows, begin:end].clone()
             if first_input is not None:  # the last pass's rows feed their thought (or token) at its column
                 tail_input[: len(rows), 0] = first_input
-            hidden[tail_rows, begin:] = self._backbone(tail_input, attention_mask[tail_rows],
-                                                       position_ids[tail_rows, begin:], tail_cache)
+            hidden[tail_rows, begin:end] = self._backbone(tail_input, attention_mask[tail_rows, :end],
+                                                          position_ids[tail_rows, begin:end], tail_cache)
             forwards += 1
             groups.append((tail_rows, tail_cache))
         merged = _merge_rows(groups, batch, config, decode_room, length=length)
