@@ -8,11 +8,18 @@ between no row stopping and every row stopping. Printed for the compacted passes
 as FSDP generation and the previous code did), at batch 1 and at a large batch.
 
     python bench/bench_exit.py [--layers 6 --width 768 --batch 64 --thoughts 12 --question 30 --threads 1] [--no-markers]
+
+On a CPU, glibc hands large freed blocks back to the system, so the KV cache's many fresh allocations
+page-fault anew on every call, which adds 10-20% of noise to the large-batch rows (runs that differ only
+in that swing by more than the saving measured). ``MALLOC_MMAP_THRESHOLD_=4000000000
+MALLOC_TRIM_THRESHOLD_=4000000000`` in the environment keeps the memory in the process; the header says
+whether it is set (bench/README.md gives both).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -53,25 +60,29 @@ def make_prompts(batch: int, question: int, thoughts: int, markers: bool = True)
     return torch.tensor(rows), torch.ones(batch, len(rows[0]), dtype=torch.long)
 
 
-def time_passes(model: Coconut, ids, mask, stop, compacted: bool, repeats: int) -> float:
-    """Median seconds of the prompt's passes (the thoughts and the rest of the prompt, cache kept).
+def time_passes(model: Coconut, ids, mask, stops: dict[str, torch.Tensor], compacted: bool, repeats: int) -> dict[str, float]:
+    """Median seconds of the prompt's passes (the thoughts and the rest of the prompt, cache kept) for each
+    scripted stop pattern of ``stops``, the patterns interleaved in every repeat so that a drift of the
+    machine's speed (allocator, clocks) falls on all of them alike.
 
     Decoding after the prompt is the same batched loop for both kinds of passes, so it is left out.
     """
     layout = model._layout(ids)
     embeds = model.embedding(ids)
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    times = []
-    for _ in range(repeats + 1):
-        controller = StopFirst(stop)
-        attention, position_ids = mask.clone(), positions.clone()
-        started = time.perf_counter()
-        if compacted:
-            model._compacted_passes(embeds, attention, position_ids, layout, controller=controller)
-        else:
-            model._latent_passes(embeds, attention, position_ids, layout, keep_cache=True, controller=controller)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+    times: dict[str, list[float]] = {name: [] for name in stops}
+    for repeat in range(repeats + 1):
+        for name, stop in stops.items():
+            controller = StopFirst(stop)
+            attention, position_ids = mask.clone(), positions.clone()
+            started = time.perf_counter()
+            if compacted:
+                model._compacted_passes(embeds, attention, position_ids, layout, controller=controller)
+            else:
+                model._latent_passes(embeds, attention, position_ids, layout, keep_cache=True, controller=controller)
+            if repeat:  # the first round warms up
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     model = make_model(args.layers, args.width).to(device)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
           f"GPT-2 {args.layers}x{args.width}, {args.thoughts} thoughts, {args.question}-token questions, "
-          f"median of {args.repeats}" + (", no latent markers" if args.no_markers else ""))
+          f"median of {args.repeats}" + (", no latent markers" if args.no_markers else "")
+          + (", glibc keeps freed memory" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else ", default glibc allocator"))
     print(f"{'batch':>6} {'passes':<10} {'no exit':>10} {'half stop':>10} {'all stop':>10} {'saved':>9} {'ideal':>9} {'saved/ideal':>12}")
     with torch.no_grad():
         for batch in sorted({1, args.batch}):
@@ -101,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             share = float(half.float().mean())
             none, everyone = torch.zeros_like(half), torch.ones_like(half)
             for lockstep in (False, True):
-                t = {name: time_passes(model, ids, mask, stop, not lockstep, args.repeats)
-                     for name, stop in (("none", none), ("half", half), ("all", everyone))}
+                t = time_passes(model, ids, mask, {"none": none, "half": half, "all": everyone}, not lockstep, args.repeats)
                 saved, ideal = t["none"] - t["half"], share * (t["none"] - t["all"])
                 label = "masked" if lockstep else "compacted"
                 print(f"{batch:>6} {label:<10} {1000 * t['none']:>8.1f}ms {1000 * t['half']:>8.1f}ms {1000 * t['all']:>8.1f}ms "

@@ -411,7 +411,8 @@ class Coconut(nn.Module):
         if len(rows):
             tails.insert(0, (last_column, [(rows, cache)] + joining, column_input))
         for begin, members, first_input in tails:
-            tail_rows = torch.cat([r for r, _ in members])
+            # in batch order: a call of every row then leaves a cache that needs no reordering at the merge
+            tail_rows = torch.cat([r for r, _ in members]).sort().values
             local = torch.empty(batch, dtype=torch.long, device=device)
             local[tail_rows] = torch.arange(len(tail_rows), device=device)
             tail_cache = _merge_rows([(local[r], c) for r, c in members], len(tail_rows), config, length=begin)
@@ -420,7 +421,7 @@ class Coconut(nn.Module):
             end = begin + max(int((real * torch.arange(1, real.shape[1] + 1, device=device)).max()), 1)
             tail_input = embeds[tail_rows, begin:end].clone()
             if first_input is not None:  # the last pass's rows feed their thought (or token) at its column
-                tail_input[: len(rows), 0] = first_input
+                tail_input[local[rows], 0] = first_input
             hidden[tail_rows, begin:end] = self._backbone(tail_input, attention_mask[tail_rows, :end],
                                                           position_ids[tail_rows, begin:end], tail_cache)
             forwards += 1
@@ -707,7 +708,6 @@ def _merge_rows(groups: list[tuple[Tensor, DynamicCache]], batch: int, config, d
     preallocated = decode_room is not None and all(
         type(layer) is DynamicLayer and layer.is_initialized for _, cache in groups for layer in cache.layers
     )
-    short = any(cache.layers[0].keys.shape[-2] < full for _, cache in groups)
     layers = []
     for layer in range(len(first_cache.layers)):
         first = first_cache.layers[layer]
@@ -719,13 +719,15 @@ def _merge_rows(groups: list[tuple[Tensor, DynamicCache]], batch: int, config, d
         else:
             keys = first.keys.new_empty(shape)
             values = first.values.new_empty(shape[:-1] + first.values.shape[-1:])
-        if short:
-            keys.zero_()
-            values.zero_()
         for rows, cache in groups:
-            filled = cache.layers[layer].keys.shape[-2]
-            keys[rows, ..., :filled, :] = cache.layers[layer].keys
-            values[rows, ..., :filled, :] = cache.layers[layer].values
+            # index_copy_ / index_fill_ along the rows: an indexed assignment (index_put) is several times slower
+            source = cache.layers[layer]
+            filled = source.keys.shape[-2]
+            keys[..., :filled, :].index_copy_(0, rows, source.keys)
+            values[..., :filled, :].index_copy_(0, rows, source.values)
+            if filled < full:
+                keys[..., filled:, :].index_fill_(0, rows, 0)
+                values[..., filled:, :].index_fill_(0, rows, 0)
         layers.append(merged if preallocated else (keys, values))
     if preallocated:
         return Cache(layers=layers)
