@@ -234,6 +234,38 @@ def test_forward_takes_the_same_controller_and_feeds_what_generation_feeds(setup
     assert weight.grad is not None and weight.grad != 0
 
 
+@pytest.mark.parametrize("markers", [False, True])
+def test_forward_of_a_row_that_stops_scores_its_answer_as_the_row_alone(setup, markers):
+    """The forward with a stopping controller: each row's loss on its answer (the tokens after its slots)
+    equals the loss of the row alone with the thoughts it used. Without latent markers the first answer
+    token is predicted at the last used slot, not at the skipped last slot (whose output is noise)."""
+    from test_generate import END, START, WORDS
+
+    model, _ = setup
+    rng = random.Random(9)
+    shapes = [(5, 4), (5, 4), (5, 3)]  # (question length, latent count): the slots start in one column
+    stop_after = [2, -1, 1]
+    before, after = ([START], [END]) if markers else ([], [])
+    questions = [[rng.choice(WORDS) for _ in range(q)] for q, _ in shapes]
+    answers = [[rng.choice(WORDS) for _ in range(3)] for _ in shapes]
+    rows = [qs + before + [LATENT] * n + after + ans for qs, (_, n), ans in zip(questions, shapes, answers)]
+    ids, mask = pad(rows, "right")
+    labels = torch.full_like(ids, -100)
+    for b, row in enumerate(rows):
+        labels[b, len(row) - 3 : len(row)] = ids[b, len(row) - 3 : len(row)]
+    with torch.no_grad():
+        out = model(ids, mask.clone(), labels=labels, controller=StopAfter(stop_after), reduction="sum")
+        total = 0.0
+        for b, ((q, n), stop) in enumerate(zip(shapes, stop_after)):
+            used = n if stop < 0 else stop
+            alone = questions[b] + before + [LATENT] * used + after + answers[b]
+            alone_labels = torch.full((1, len(alone)), -100)
+            alone_labels[0, -3:] = torch.tensor(answers[b])
+            total += float(model(torch.tensor([alone]), torch.ones(1, len(alone), dtype=torch.long),
+                                 labels=alone_labels, reduction="sum").loss)
+    assert float(out.loss) == pytest.approx(total, rel=1e-4)
+
+
 def test_evaluation_reads_a_record_only_from_controllers_that_keep_one():
     from types import SimpleNamespace
 

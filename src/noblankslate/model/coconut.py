@@ -469,7 +469,8 @@ class Coconut(nn.Module):
             controller: the same hook as in :meth:`generate`: it sees every thought before it is fed and
                 may replace it (gradients flow through what it returns). A stop it returns masks the row's
                 remaining latent slots, as in generation, and changes ``attention_mask`` and
-                ``position_ids`` in place.
+                ``position_ids`` in place; the row's prediction of the token after its slots is then read
+                at its last used slot, as alone (without latent markers, the first answer token's).
 
         Returns:
             Outputs(loss, inputs_embeds, logits): next-token cross-entropy over labelled positions
@@ -477,11 +478,21 @@ class Coconut(nn.Module):
         """
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            if controller is not None:  # a stop shifts a row's positions in place: a view of one row cannot
+                position_ids = position_ids.clone()
         layout = self._layout(input_ids)
         embeds = self.embedding(input_ids)  # (B, L, D)
         passed = self._latent_passes(embeds, attention_mask, position_ids, layout, passes=latent_passes,
                                      controller=controller)
         hidden, fed = passed.hidden, passed.fed
+        stopped = (passed.used < layout.counts).nonzero().flatten()  # rows a controller stopped early
+        if len(stopped):
+            # Their last slot is skipped (masked) and its output is noise, but it is the column whose output
+            # predicts the token after the slots: without latent markers, the first answer token. Alone with
+            # `used` thoughts that prediction comes from the last used slot, so it does here too.
+            last_slot = layout.start + layout.counts[stopped] - 1
+            last_used = layout.start + passed.used[stopped] - 1
+            hidden = hidden.index_put((stopped, last_slot), hidden[stopped, last_used])
         if layout.max_count > 0:
             start, end = layout.start, layout.start + layout.max_count
             embeds = torch.cat([embeds[:, :start], fed, embeds[:, end:]], dim=1)
