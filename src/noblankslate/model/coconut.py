@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
-from noblankslate.model.latent import AlignedPrompts, LatentLayout, align_prompts, latent_layout
+from noblankslate.model.latent import LatentLayout, align_prompts, latent_layout
 
 IGNORE_INDEX = -100
 
@@ -485,14 +485,8 @@ class Coconut(nn.Module):
         passed = self._latent_passes(embeds, attention_mask, position_ids, layout, passes=latent_passes,
                                      controller=controller)
         hidden, fed = passed.hidden, passed.fed
-        stopped = (passed.used < layout.counts).nonzero().flatten()  # rows a controller stopped early
-        if len(stopped):
-            # Their last slot is skipped (masked) and its output is noise, but it is the column whose output
-            # predicts the token after the slots: without latent markers, the first answer token. Alone with
-            # `used` thoughts that prediction comes from the last used slot, so it does here too.
-            last_slot = layout.start + layout.counts[stopped] - 1
-            last_used = layout.start + passed.used[stopped] - 1
-            hidden = hidden.index_put((stopped, last_slot), hidden[stopped, last_used])
+        if controller is not None:  # without one every row uses all its slots
+            hidden = _answer_from_last_used_slot(hidden, layout, passed.used)
         if layout.max_count > 0:
             start, end = layout.start, layout.start + layout.max_count
             embeds = torch.cat([embeds[:, :start], fed, embeds[:, end:]], dim=1)
@@ -590,7 +584,9 @@ class Coconut(nn.Module):
         skipped = layout.counts - passed.used  # (B,) latent slots a stopped row did not use
         lengths_after_thoughts = prompts.lengths - skipped  # (B,) the row's prompt length as if alone
         forward_passes = passed.used + 1  # as alone: the prefix, then one pass per thought (the last with the rest)
-        last_hidden = passed.hidden[torch.arange(batch, device=device), answer_columns(prompts, layout, passed.used)]
+        hidden = passed.hidden if controller is None else _answer_from_last_used_slot(passed.hidden, layout, passed.used,
+                                                                                      in_place=True)
+        last_hidden = hidden[torch.arange(batch, device=device), prompts.last_column]  # (B, D)
         next_tokens = pick(self.lm_head(last_hidden))  # (B,)
 
         tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -637,13 +633,23 @@ class Coconut(nn.Module):
             self._backbone(embeds, mask, positions, cache=None)
 
 
-def answer_columns(prompts: AlignedPrompts, layout: LatentLayout, used: Tensor) -> Tensor:
-    """(B,) the column whose output predicts each row's first new token: its last real token, except
-    where the prompt ends with its latent slots (``latent_markers: false``) and the row stopped early:
-    then its last *used* slot, as for the row alone with ``used`` thoughts (the prompt's last column is
-    a skipped slot, masked, whose output answers nothing)."""
-    ends_in_slots = (layout.counts > 0) & (prompts.last_column == layout.start + layout.counts - 1)
-    return torch.where(ends_in_slots, layout.start + used - 1, prompts.last_column)
+def _answer_from_last_used_slot(hidden: Tensor, layout: LatentLayout, used: Tensor, in_place: bool = False) -> Tensor:
+    """``hidden`` (B, L, D) with each row's last latent slot holding the output of its last *used* one.
+
+    A row stopped early has its remaining slots skipped (masked; their outputs are noise or, in the
+    compacted passes, never computed), but its last slot is the column whose output predicts the token
+    after the slots: without latent markers (the prompt ends with its slots), the first answer token. Alone
+    with ``used`` thoughts that prediction comes from the last used slot, so it does here, in generation and
+    in the forward's loss. Rows that used every slot (and rows without slots) are written their own value;
+    nothing waits on the host.
+    """
+    if layout.max_count == 0:
+        return hidden
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last_slot = layout.start + (layout.counts - 1).clamp_min(0)
+    last_used = layout.start + (used - 1).clamp_min(0)
+    index, value = (rows, last_slot), hidden[rows, last_used]
+    return hidden.index_put_(index, value) if in_place else hidden.index_put(index, value)
 
 
 def _greedy(logits: Tensor) -> Tensor:
@@ -661,12 +667,12 @@ class _PreallocatedLayer(DynamicLayer):
     tensors of exactly the shapes and values the growing cache gives, so every result is the same.
     """
 
-    def __init__(self, rows: int, like_keys: Tensor, like_values: Tensor, extra: int):
-        """Empty buffers of ``rows`` rows shaped like ``like_keys``/``like_values`` with ``extra`` more
-        positions; ``keys``/``values`` are views of their first ``like_keys.shape[-2]`` positions, for the
+    def __init__(self, rows: int, like_keys: Tensor, like_values: Tensor, extra: int, length: int | None = None):
+        """Empty buffers of ``rows`` rows shaped like ``like_keys``/``like_values`` with ``length`` positions
+        (default: theirs) and ``extra`` more; ``keys``/``values`` are views of the first ``length``, for the
         caller to fill (:func:`_preallocate` copies a whole cache in, :func:`_merge_rows` row groups)."""
         super().__init__()
-        length = like_keys.shape[-2]
+        length = like_keys.shape[-2] if length is None else length
         self._key_buffer = like_keys.new_empty((rows, *like_keys.shape[1:-2], length + extra, like_keys.shape[-1]))
         self._value_buffer = like_values.new_empty((rows, *like_values.shape[1:-2], length + extra, like_values.shape[-1]))
         self.keys, self.values = self._key_buffer[..., :length, :], self._value_buffer[..., :length, :]  # (B, H, L, d)
@@ -698,7 +704,10 @@ def _preallocate(cache: DynamicCache, extra: int) -> Cache:
 
 
 def _select_rows(cache: DynamicCache, keep: Tensor, config) -> DynamicCache:
-    """A new cache holding the rows ``keep`` (bool over the cache's batch) of every layer."""
+    """A cache holding the rows ``keep`` (bool over the cache's batch) of every layer: ``cache`` itself when
+    that is every row (the caller then holds the only reference that goes on), else a new one."""
+    if bool(keep.all()):
+        return cache
     return DynamicCache(ddp_cache_data=[(layer.keys[keep], layer.values[keep]) for layer in cache.layers], config=config)
 
 
@@ -722,14 +731,12 @@ def _merge_rows(groups: list[tuple[Tensor, DynamicCache]], batch: int, config, d
     layers = []
     for layer in range(len(first_cache.layers)):
         first = first_cache.layers[layer]
-        shape = (batch, *first.keys.shape[1:-2], full, first.keys.shape[-1])
         if preallocated:
-            like = first.keys.new_empty(shape)
-            merged = _PreallocatedLayer(batch, like, first.values.new_empty(shape[:-1] + first.values.shape[-1:]), decode_room)
+            merged = _PreallocatedLayer(batch, first.keys, first.values, decode_room, length=full)
             keys, values = merged.keys, merged.values
         else:
-            keys = first.keys.new_empty(shape)
-            values = first.values.new_empty(shape[:-1] + first.values.shape[-1:])
+            keys = first.keys.new_empty((batch, *first.keys.shape[1:-2], full, first.keys.shape[-1]))
+            values = first.values.new_empty((batch, *first.values.shape[1:-2], full, first.values.shape[-1]))
         for rows, cache in groups:
             # index_copy_ / index_fill_ along the rows: an indexed assignment (index_put) is several times slower
             source = cache.layers[layer]
